@@ -1,0 +1,1 @@
+"""Corpus reading, validation, filtering, SentencePiece training and binarization."""

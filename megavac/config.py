@@ -1,0 +1,208 @@
+"""Training configuration: dataclasses (one docstring per field), the CLI built from them, and the
+single place where the DeepSpeed JSON is merged with command-line overrides."""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from megavac.model import PRESETS, ModelConfig
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""
+    """Prepared data directory (data_pipeline.prepare). Empty: generate and prepare the synthetic corpus."""
+    synthetic_dir: str = "runs/data/synthetic"
+    """Where the synthetic corpus and its prepared form are cached when data_dir is empty."""
+    tasks: str = ""
+    """Comma-separated subset of task names (e.g. en-de,en-fr); empty: all tasks in the data dir."""
+    temperature: float = 5.0
+    """Sampling temperature T: p_i ∝ (n_i/Σn)^(1/T); 1 = proportional, inf = uniform."""
+    lang_weights: str = ""
+    """Explicit sampling weights 'en-de:2,en-fr:1' (overrides temperature; unlisted tasks get 0)."""
+    max_tokens: int = 4096
+    """Padded tokens per micro-batch per rank (max(source, target) length × rows)."""
+    pool_batches: int = 64
+    """Micro-batches per rank drawn, length-sorted and shuffled together (less padding when larger)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "small"
+    """Model size preset: tiny, small, base, big."""
+    dropout: float | None = None
+    """Dropout; None keeps the preset's value."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross entropy."""
+    lr: float | None = None
+    """Peak learning rate; None keeps the ds_config optimizer's lr."""
+    warmup_steps: int = 400
+    """Linear warm-up steps, then inverse square root decay."""
+    max_steps: int = 3000
+    """Optimizer updates to train for."""
+    grad_accum: int | None = None
+    """Micro-batches per update; None keeps the ds_config's gradient_accumulation_steps."""
+    clip_norm: float | None = None
+    """Gradient clipping max norm; None keeps the ds_config's gradient_clipping."""
+    zero_stage: int | None = None
+    """ZeRO stage override (1, 2, 3); None keeps the ds_config's."""
+    precision: str | None = None
+    """fp32, bf16 or fp16 override; None keeps the ds_config's."""
+    seed: int = 1
+    """Seed for parameters, data order and dropout."""
+    save_dir: str = "runs/default"
+    """Run directory: checkpoints/, metrics.jsonl, tensorboard/."""
+    save_interval: int = 500
+    """Save a checkpoint every N updates (and always at the end)."""
+    keep_last: int = 2
+    """Step checkpoints kept besides the best one."""
+    resume: bool = False
+    """Continue from save_dir/checkpoints/latest exactly (data order, RNG, optimizer)."""
+    log_interval: int = 20
+    """Print step, loss, lr, tokens/s and ETA every N updates."""
+    lang_log_interval: int = 100
+    """Log per-language training loss and realised sampling ratios every N updates."""
+    valid_interval: int = 500
+    """Per-language validation loss every N updates (and at the end)."""
+    valid_max_tokens: int = 8192
+    """Padded tokens per validation batch."""
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal after each field), for --help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+def _converter(annotation: str):
+    """argparse type for a field annotated 'int', 'float', 'str' or 'X | None' ('none' gives None)."""
+    base = {"int": int, "float": float, "str": str}[annotation.split("|")[0].strip()]
+    if "None" not in annotation:
+        return base
+    return lambda text: None if text.lower() == "none" else base(text)
+
+
+def add_dataclass_args(parser, cls) -> None:
+    docs = _field_docs(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=_converter(str(f.type)), default=f.default,
+                                help=f"{docs[f.name]} (default: {f.default})")
+
+
+def from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a multilingual NMT Transformer with DeepSpeed.")
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default="ds_configs/zero2.json",
+                   help="DeepSpeed JSON config (ds_configs/); command-line flags override its values")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_dataclass_args(p.add_argument_group("data"), DataConfig)
+    add_dataclass_args(p.add_argument_group("training"), TrainConfig)
+    return p
+
+
+def model_config(train: TrainConfig, vocab_size: int, pad_id: int) -> ModelConfig:
+    if train.model not in PRESETS:
+        raise ValueError(f"--model {train.model!r} is not one of {sorted(PRESETS)}")
+    kw = dict(PRESETS[train.model], vocab_size=vocab_size, pad_id=pad_id)
+    if train.dropout is not None:
+        kw["dropout"] = train.dropout
+    return ModelConfig(**kw)
+
+
+def load_ds_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"DeepSpeed config {path} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}")
+
+
+def merge_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
+    """The one place where CLI flags override the DeepSpeed JSON. Returns a new dict.
+
+    Batches are token-budgeted and built by our sampler, so DeepSpeed's sentence batch size is
+    nominal: one "sample" per micro-batch per rank.
+    """
+    ds = json.loads(json.dumps(ds))
+    ga = train.grad_accum if train.grad_accum is not None else ds.get("gradient_accumulation_steps", 1)
+    if not (isinstance(ga, int) and ga >= 1):
+        raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {ga!r}")
+    ds["gradient_accumulation_steps"] = ga
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["train_batch_size"] = ga * world_size
+    if train.clip_norm is not None:
+        ds["gradient_clipping"] = train.clip_norm
+    if "gradient_clipping" not in ds:
+        raise ValueError("the ds_config must set gradient_clipping explicitly (DeepSpeed otherwise clips at 1.0 silently); "
+                         "use 0 to disable or pass --clip-norm")
+    opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    params = opt.setdefault("params", {})
+    if train.lr is not None:
+        params["lr"] = train.lr
+    if "lr" not in params:
+        raise ValueError("no learning rate: set optimizer.params.lr in the ds_config or pass --lr")
+    if "scheduler" in ds:
+        raise ValueError("remove 'scheduler' from the ds_config: megavac applies its inverse-sqrt schedule itself")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if train.zero_stage is not None:
+        if train.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"--zero-stage must be 0-3, got {train.zero_stage}")
+        zero["stage"] = train.zero_stage
+    if train.precision is not None:
+        if train.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {train.precision!r}")
+        for key in ("bf16", "fp16"):
+            ds.setdefault(key, {})["enabled"] = train.precision == key
+    ds.setdefault("steps_per_print", 10**9)  # megavac prints its own progress
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def precision_of(ds: dict) -> str:
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled", False):
+            return key
+    return "fp32"
+
+
+def parse_lang_weights(text: str, names: list[str]) -> list[float] | None:
+    if not text:
+        return None
+    weights = dict.fromkeys(names, 0.0)
+    for item in text.split(","):
+        name, _, value = item.partition(":")
+        if name not in weights:
+            raise ValueError(f"--lang-weights names unknown task {name!r}; tasks are {names}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--lang-weights value {value!r} for {name} is not a number")
+        if not math.isfinite(weights[name]) or weights[name] < 0:
+            raise ValueError(f"--lang-weights value {value!r} for {name} must be finite and >= 0")
+    return list(weights.values())
+
+
+def run_config_dict(data: DataConfig, train: TrainConfig, model: ModelConfig, ds: dict) -> dict:
+    return {"data": asdict(data), "train": asdict(train), "model": model.to_dict(), "ds_config": ds}
+
+
+__all__ = ["DataConfig", "TrainConfig", "build_parser", "from_args", "merge_ds_config", "model_config",
+           "load_ds_config", "precision_of", "parse_lang_weights", "run_config_dict"]

@@ -1,0 +1,246 @@
+"""Runtime data: memory-mapped multilingual datasets, temperature sampler, language-grouped batches.
+
+A *task* is one translation direction (``en-de``); its index is the "language" k of the
+per-language losses and gradients. Batches are token-budgeted and their rows are grouped by task,
+so row ranges ``segments[k]`` say which rows belong to which language.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megavac.tokens import source_ids, target_ids
+
+
+class MultilingualDataset:
+    """All tasks of one split of a prepared data directory, memory-mapped."""
+
+    def __init__(self, data_dir: str, split: str, tasks: list[str] | None = None):
+        from data_pipeline.indexed import load_meta, open_split
+
+        self.meta = load_meta(data_dir)
+        self.split = split
+        self.pad_id, self.bos_id, self.eos_id = self.meta["pad_id"], self.meta["bos_id"], self.meta["eos_id"]
+        self.tasks = self.meta["tasks"]
+        if tasks:
+            known = {t["name"]: t for t in self.tasks}
+            unknown = [t for t in tasks if t not in known]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; {data_dir} has {sorted(known)}")
+            self.tasks = [known[t] for t in tasks]
+        self.names = [t["name"] for t in self.tasks]
+        self.src, self.tgt, self.src_len, self.tgt_len = [], [], [], []
+        for t in self.tasks:
+            src = open_split(data_dir, t["pair"], split, t["src"])
+            tgt = open_split(data_dir, t["pair"], split, t["tgt"])
+            assert len(src) == len(tgt), f"{t['name']} {split}: {len(src)} vs {len(tgt)} lines"
+            self.src.append(src)
+            self.tgt.append(tgt)
+            self.src_len.append(np.asarray(src.sizes, dtype=np.int64) + 2)  # tag + eos
+            self.tgt_len.append(np.asarray(tgt.sizes, dtype=np.int64) + 1)  # bos or eos
+        self.sizes = np.array([len(s) for s in self.src], dtype=np.int64)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def example_len(self, k: int, idx: np.ndarray) -> np.ndarray:
+        return np.maximum(self.src_len[k][idx], self.tgt_len[k][idx])
+
+    def example(self, k: int, i: int):
+        src = source_ids(self.tasks[k]["tag_id"], self.src[k][i], self.eos_id)
+        tgt_in, tgt_out = target_ids(self.tgt[k][i], self.bos_id, self.eos_id)
+        return src, tgt_in, tgt_out
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # [B, S]
+    tgt_in: torch.Tensor  # [B, T]
+    tgt_out: torch.Tensor  # [B, T]
+    lang: torch.Tensor  # [B] task index of each row; rows are grouped by task
+    segments: dict  # task index -> (first row, end row)
+    ntokens: int  # target tokens (what the loss is averaged over)
+
+    def to(self, device):
+        for f in ("src", "tgt_in", "tgt_out", "lang"):
+            setattr(self, f, getattr(self, f).to(device, non_blocking=True))
+        return self
+
+
+def collate(ds: MultilingualDataset, items: list[tuple[int, int]], max_positions: int) -> Batch:
+    """Pad a list of (task, index) into a batch whose rows are grouped by task."""
+    items = sorted(items, key=lambda ki: ki[0])  # stable: keeps the sampler's order within a task
+    exs = [ds.example(k, i) for k, i in items]
+    longest = max(max(len(s), len(t)) for s, t, _ in exs)
+    if longest > max_positions:
+        k, i = items[max(range(len(exs)), key=lambda r: max(len(exs[r][0]), len(exs[r][1])))]
+        raise ValueError(
+            f"{ds.names[k]} {ds.split} line {i + 1} has {longest} tokens > max_positions={max_positions}; "
+            "lower the prepare --max-len filter or raise the model's max_positions"
+        )
+    S, T = max(len(e[0]) for e in exs), max(len(e[1]) for e in exs)
+    src = torch.full((len(exs), S), ds.pad_id, dtype=torch.long)
+    tgt_in = torch.full((len(exs), T), ds.pad_id, dtype=torch.long)
+    tgt_out = torch.full((len(exs), T), ds.pad_id, dtype=torch.long)
+    for r, (s, ti, to) in enumerate(exs):
+        src[r, : len(s)] = torch.from_numpy(s)
+        tgt_in[r, : len(ti)] = torch.from_numpy(ti)
+        tgt_out[r, : len(to)] = torch.from_numpy(to)
+    lang = torch.tensor([k for k, _ in items], dtype=torch.long)
+    segments = {}
+    for r, (k, _) in enumerate(items):
+        first, _ = segments.get(k, (r, r))
+        segments[k] = (first, r + 1)
+    return Batch(src, tgt_in, tgt_out, lang, segments, int((tgt_out != ds.pad_id).sum()))
+
+
+def sampling_probs(sizes, temperature: float = 5.0, weights=None) -> np.ndarray:
+    """p_i ∝ (n_i / Σn)^(1/T); T=1 proportional, T=inf uniform; explicit ``weights`` override."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != sizes.shape or (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+            raise ValueError(f"explicit sampling weights {w.tolist()} must be {len(sizes)} finite values >= 0, not all 0")
+        return w / w.sum()
+    if not temperature > 0:
+        raise ValueError(f"sampling temperature must be > 0 (or inf), got {temperature}")
+    if (sizes <= 0).any():
+        raise ValueError(f"every task needs training data; sizes are {sizes.astype(int).tolist()}")
+    p = (sizes / sizes.sum()) ** (0.0 if math.isinf(temperature) else 1.0 / temperature)
+    return p / p.sum()
+
+
+def pack_by_length(items: list, lens: np.ndarray, max_tokens: int) -> list[list]:
+    """Sort items by length and cut them into batches of at most ``max_tokens`` padded tokens."""
+    batches, cur, cur_max = [], [], 0
+    for j in np.argsort(lens, kind="stable"):
+        n = int(lens[j])
+        if cur and max(cur_max, n) * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(items[j])
+        cur_max = max(cur_max, n)
+    return batches + [cur] if cur else batches
+
+
+class TemperatureSampler:
+    """Endless stream of token-budgeted, language-grouped micro-batches, disjoint across ranks.
+
+    Every rank runs the same generator from the same seed. Examples are drawn in *pools*: a task
+    from p, then that task's next index in a per-task, per-epoch permutation; a pool is sorted by
+    length, cut into batches of at most ``max_tokens`` (padded) tokens, shuffled, and dealt out
+    round-robin (rank r takes batches r, r+W, ...). Length-sorting inside a pool keeps padding low
+    without changing the sampling distribution.
+
+    The state is small: the RNG state and per-task cursors at the start of the current pool plus the
+    position in it. Resuming regenerates that pool and skips to the position, so the data order is
+    exactly that of an uninterrupted run.
+    """
+
+    def __init__(self, lengths: list[np.ndarray], probs: np.ndarray, max_tokens: int, seed: int,
+                 rank: int = 0, world: int = 1, pool_batches: int = 64):
+        self.lengths, self.probs = lengths, np.asarray(probs, dtype=np.float64)
+        self.max_tokens, self.seed, self.rank, self.world = max_tokens, seed, rank, world
+        self.pool_batches = pool_batches
+        longest = max(int(x.max()) for x in lengths if len(x))
+        if longest > max_tokens:
+            raise ValueError(f"max_tokens={max_tokens} is smaller than the longest training example ({longest} tokens)")
+        self.rng = np.random.default_rng(seed)
+        self.epoch = np.zeros(len(lengths), dtype=np.int64)
+        self.cursor = np.zeros(len(lengths), dtype=np.int64)
+        self.counts = np.zeros(len(lengths), dtype=np.int64)  # sentences this rank has consumed per task
+        self._perm: dict[int, tuple[int, np.ndarray]] = {}
+        self._pool: list[list[tuple[int, int]]] = []
+        self._pos = 0
+        self._pool_start = None
+
+    def _permutation(self, k: int) -> np.ndarray:
+        ep = int(self.epoch[k])
+        if k not in self._perm or self._perm[k][0] != ep:
+            rng = np.random.default_rng([self.seed, 7919 + k, ep])
+            self._perm[k] = (ep, rng.permutation(len(self.lengths[k])).astype(np.int32))
+        return self._perm[k][1]
+
+    def _take(self, k: int) -> int:
+        if self.cursor[k] >= len(self.lengths[k]):
+            self.epoch[k] += 1
+            self.cursor[k] = 0
+        i = int(self._permutation(k)[self.cursor[k]])
+        self.cursor[k] += 1
+        return i
+
+    def _fill_pool(self):
+        self._pool_start = {"rng": self.rng.bit_generator.state, "epoch": self.epoch.copy(),
+                            "cursor": self.cursor.copy()}
+        budget = self.pool_batches * self.world * self.max_tokens
+        items, lens, total = [], [], 0
+        while total < budget:
+            for k in self.rng.choice(len(self.probs), size=256, p=self.probs):
+                i = self._take(int(k))
+                n = int(self.lengths[k][i])
+                items.append((int(k), i))
+                lens.append(n)
+                total += n
+                if total >= budget:
+                    break
+        batches = pack_by_length(items, np.asarray(lens), self.max_tokens)
+        perm = self.rng.permutation(len(batches))
+        batches = [batches[p] for p in perm]
+        # Whole rounds only, so every rank gets the same number of micro-batches per pool.
+        self._pool = batches[: len(batches) // self.world * self.world]
+        self._pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[tuple[int, int]]:
+        if self._pos >= len(self._pool) // self.world:
+            self._fill_pool()
+        batch = self._pool[self._pos * self.world + self.rank]
+        self._pos += 1
+        for k, _ in batch:
+            self.counts[k] += 1
+        return batch
+
+    def realised_ratios(self) -> np.ndarray:
+        return self.counts / max(1, self.counts.sum())
+
+    def state_dict(self) -> dict:
+        start = self._pool_start
+        return {"seed": self.seed, "world": self.world, "pos": self._pos, "counts": self.counts.tolist(),
+                "pool_start": None if start is None else
+                {"rng": start["rng"], "epoch": start["epoch"].tolist(), "cursor": start["cursor"].tolist()}}
+
+    def load_state_dict(self, state: dict):
+        if state["seed"] != self.seed or state["world"] != self.world:
+            raise ValueError(
+                f"sampler state was saved with seed={state['seed']} world={state['world']}, "
+                f"this run has seed={self.seed} world={self.world}; exact resume needs both equal")
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+        start = state["pool_start"]
+        if start is None:
+            return
+        self.rng.bit_generator.state = start["rng"]
+        self.epoch = np.asarray(start["epoch"], dtype=np.int64)
+        self.cursor = np.asarray(start["cursor"], dtype=np.int64)
+        self._fill_pool()
+        self._pos = state["pos"]
+
+
+def eval_batches(ds: MultilingualDataset, max_tokens: int, rank: int, world: int) -> list[list[tuple[int, int]]]:
+    """Every example of the split exactly once, length-sorted batches, dealt out to ranks.
+
+    Each rank gets the same NUMBER of batches (ZeRO-3 forwards are collective); ranks short of one
+    get an empty list and must still run a forward with zero weight.
+    """
+    batches = []
+    for k in range(ds.num_tasks):
+        idx = np.arange(ds.sizes[k])
+        batches += pack_by_length([(k, int(i)) for i in idx], ds.example_len(k, idx), max_tokens)
+    per_rank = math.ceil(len(batches) / world)
+    mine = batches[rank::world]
+    return mine + [[] for _ in range(per_rank - len(mine))]

@@ -1,0 +1,196 @@
+"""The trainer: builds everything in dependency order, then runs the loop.
+
+Order: distributed → data → model → DeepSpeed engine → sampler/validation/metrics/checkpoints →
+resume. Everything stateful is saved as a dict of ``state_dict()`` objects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megavac import distributed
+from megavac.checkpointing import Checkpointer
+from megavac.config import (DataConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
+                            parse_lang_weights, precision_of, run_config_dict)
+from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampling_probs
+from megavac.loss import per_language_losses
+from megavac.metrics import Metrics
+from megavac.model import Transformer
+from megavac.validation import Validator
+
+
+def inverse_sqrt(warmup: int):
+    """lr factor: linear warm-up to 1 over ``warmup`` updates, then sqrt(warmup / step)."""
+    if warmup < 1:
+        raise ValueError(f"--warmup-steps must be >= 1, got {warmup}")
+    return lambda s: min((s + 1) / warmup, math.sqrt(warmup / (s + 1)))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_data_dir(data: DataConfig, rank: int) -> str:
+    """The prepared data dir; the synthetic default is generated once (by rank 0) and cached."""
+    if data.data_dir:
+        return data.data_dir
+    from data_pipeline.synthetic import ensure_prepared_synthetic
+
+    prepared = Path(data.synthetic_dir) / "prepared"
+    if rank == 0 and not (prepared / "meta.json").is_file():
+        print(f"no --data-dir given: preparing the synthetic corpus in {data.synthetic_dir}", flush=True)
+        ensure_prepared_synthetic(data.synthetic_dir)
+    distributed.barrier()
+    return str(prepared)
+
+
+class Trainer:
+    def __init__(self, data: DataConfig, train: TrainConfig, ds_config_path: str):
+        self.data_cfg, self.cfg = data, train
+        self.rank, self.world, self.local_rank = distributed.init()
+        self.device = distributed.device()
+        if self.rank != 0:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        seed_everything(train.seed)
+
+        # Data
+        self.data_dir = resolve_data_dir(data, self.rank)
+        tasks = [t for t in data.tasks.split(",") if t]
+        self.train_data = MultilingualDataset(self.data_dir, "train", tasks)
+        self.dev_data = MultilingualDataset(self.data_dir, "dev", self.train_data.names)
+        self.K = self.train_data.num_tasks
+        meta = self.train_data.meta
+
+        # Model
+        self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"])
+        model = Transformer(self.model_cfg)
+
+        # Engine
+        import deepspeed
+
+        self.ds_config = merge_ds_config(load_ds_config(ds_config_path), train, self.world)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt(train.warmup_steps)))
+        self.ga = self.engine.gradient_accumulation_steps()
+        # Dropout must differ across ranks but be reproducible: seed the torch RNG per rank after init.
+        torch.manual_seed(train.seed * 1000 + self.rank)
+
+        # Components
+        lengths = [self.train_data.example_len(k, np.arange(n)) for k, n in enumerate(self.train_data.sizes)]
+        self.probs = sampling_probs(self.train_data.sizes, data.temperature,
+                                    parse_lang_weights(data.lang_weights, self.train_data.names))
+        self.sampler = TemperatureSampler(lengths, self.probs, data.max_tokens, train.seed, self.rank,
+                                          self.world, data.pool_batches)
+        self.validator = Validator(self.dev_data, train.valid_max_tokens, self.model_cfg.max_positions,
+                                   self.rank, self.world, self.device, train.label_smoothing)
+        self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
+        info = {"model": self.model_cfg.to_dict(), "data_dir": str(Path(self.data_dir).resolve()),
+                "tasks": self.train_data.names, "world_size": self.world,
+                "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config)}
+        self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
+        self.step = 0
+        if train.resume:
+            self._resume()
+        self._announce(model)
+
+    def _announce(self, model):
+        if self.rank != 0:
+            return
+        Path(self.cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        run = run_config_dict(self.data_cfg, self.cfg, self.model_cfg, self.ds_config)
+        (Path(self.cfg.save_dir) / "config.json").write_text(json.dumps(run, indent=2, default=str))
+        print(f"model {self.cfg.model}: {model.num_parameters():,} parameters | {self.K} tasks | "
+              f"world {self.world} | ZeRO-{self.ds_config['zero_optimization']['stage']} "
+              f"{precision_of(self.ds_config)} | grad accum {self.ga} | data {self.data_dir}", flush=True)
+        print("sampling probabilities: " + ", ".join(
+            f"{n} {p:.3f}" for n, p in zip(self.train_data.names, self.probs)), flush=True)
+
+    def _resume(self):
+        loaded = self.checkpointer.load_latest(self.engine)
+        if loaded is None:
+            if self.rank == 0:
+                print(f"--resume: no checkpoint in {self.checkpointer.root}, starting from scratch", flush=True)
+            return
+        state, rank_state = loaded
+        self.step = state["step"]
+        self.sampler.load_state_dict(rank_state["sampler"])
+        if self.rank == 0:
+            print(f"resumed from step {self.step} ({self.checkpointer.root})", flush=True)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer update over ``ga`` micro-batches. Returns local sums
+        [loss × tokens, tokens, nll_k (K), tokens_k (K)] for logging."""
+        K = self.K
+        stats = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        for _ in range(self.ga):
+            batch = collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
+            logits = self.engine(batch.src, batch.tgt_in)
+            loss_k, nll_k, ntok_k = per_language_losses(logits, batch.tgt_out, batch.lang, K, self.train_data.pad_id,
+                                                        self.cfg.label_smoothing)
+            loss = loss_k.sum()
+            self.engine.backward(loss)
+            self.engine.step()
+            stats[0] += loss.item() * batch.ntokens
+            stats[1] += batch.ntokens
+            stats[2:2 + K] += nll_k.double().cpu()
+            stats[2 + K:] += ntok_k.double().cpu()
+        if not math.isfinite(stats[0]):
+            raise FloatingPointError(f"non-finite training loss at step {self.step + 1}")
+        return stats
+
+    def validate(self) -> float:
+        out = self.validator.run(self.engine)
+        self.metrics.write(self.step, "valid", out)
+        if self.rank == 0:
+            per = ", ".join(f"{n} {v:.3f}" for n, v in out["nll"].items())
+            print(f"valid step {self.step} | avg nll {out['avg_nll']:.4f} | {per}", flush=True)
+        return out["avg_nll"]
+
+    def save(self, val_loss: float | None):
+        self.checkpointer.save(self.engine, self.step, global_state={},
+                               rank_state={"sampler": self.sampler.state_dict()}, val_loss=val_loss)
+
+    def _log_languages(self, lang_stats: torch.Tensor):
+        K = self.K
+        nll = (lang_stats[:K] / lang_stats[K:].clamp(min=1)).tolist()
+        ratios = distributed.all_reduce_sum(torch.tensor(self.sampler.counts, dtype=torch.float64))
+        ratios = (ratios / ratios.sum().clamp(min=1)).tolist()
+        self.metrics.write(self.step, "lang", {"nll": dict(zip(self.train_data.names, nll)),
+                                               "sampled": dict(zip(self.train_data.names, ratios))})
+        if self.rank == 0:
+            print("per-language train nll / realised sampling ratio (target): " + ", ".join(
+                f"{n} {x:.3f}/{r:.3f}({p:.3f})" for n, x, r, p in zip(self.train_data.names, nll, ratios, self.probs)),
+                flush=True)
+
+    def train(self):
+        cfg, K = self.cfg, self.K
+        window = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        self.metrics.start(self.step)
+        val_loss = None
+        while self.step < cfg.max_steps:
+            window += self.train_step()
+            self.step += 1
+            last = self.step == cfg.max_steps
+            if self.step % cfg.log_interval == 0 or last:
+                g = distributed.all_reduce_sum(window.clone().to(self.device)).cpu()
+                self.metrics.progress(self.step, g[0].item() / max(g[1].item(), 1), self.engine.get_lr()[0], int(g[1]))
+                if self.step % cfg.lang_log_interval == 0 or last:
+                    self._log_languages(g[2:])
+                window.zero_()
+            saving = self.step % cfg.save_interval == 0 or last
+            if self.step % cfg.valid_interval == 0 or saving:
+                val_loss = self.validate()
+            if saving:
+                self.save(val_loss)
+        self.metrics.close()
+        return val_loss

@@ -1,0 +1,44 @@
+"""Per-language validation loss over the whole dev split, sharded across data-parallel ranks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megavac.data import MultilingualDataset, collate, eval_batches
+from megavac.distributed import all_reduce_sum
+from megavac.loss import per_language_losses
+
+
+class Validator:
+    def __init__(self, ds: MultilingualDataset, max_tokens: int, max_positions: int, rank: int, world: int,
+                 device: torch.device, smoothing: float):
+        self.ds, self.max_positions, self.device, self.smoothing = ds, max_positions, device, smoothing
+        self.batches = eval_batches(ds, max_tokens, rank, world)
+
+    @torch.no_grad()
+    def run(self, engine) -> dict:
+        """Returns per-task NLL per token and perplexity plus their unweighted average over tasks."""
+        K = self.ds.num_tasks
+        sums = torch.zeros(3, K, dtype=torch.float64)  # label-smoothed loss, nll, tokens
+        engine.eval()
+        for items in self.batches:
+            # Ranks with no batch left still run one (zero-weighted) forward: ZeRO-3 gathers collectively.
+            batch = collate(self.ds, items or [(0, 0)], self.max_positions).to(self.device)
+            logits = engine(batch.src, batch.tgt_in)
+            loss_k, nll_k, ntok_k = per_language_losses(logits, batch.tgt_out, batch.lang, K, self.ds.pad_id,
+                                                        self.smoothing)
+            if items:
+                sums[0] += (loss_k * batch.ntokens).double().cpu()
+                sums[1] += nll_k.double().cpu()
+                sums[2] += ntok_k.double().cpu()
+        engine.train()
+        sums = all_reduce_sum(sums.to(self.device)).cpu()
+        tok = sums[2].clamp(min=1)
+        nll = (sums[1] / tok).tolist()
+        out = {"loss": dict(zip(self.ds.names, (sums[0] / tok).tolist())),
+               "nll": dict(zip(self.ds.names, nll)),
+               "ppl": {n: math.exp(min(x, 50.0)) for n, x in zip(self.ds.names, nll)}}
+        out["avg_nll"] = sum(nll) / K
+        out["avg_loss"] = sum(out["loss"].values()) / K
+        return out

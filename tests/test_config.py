@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from megavac.config import DataConfig, TrainConfig, build_parser, from_args, load_ds_config, merge_ds_config
+
+
+def parse(*argv):
+    a = build_parser().parse_args(list(argv))
+    return from_args(DataConfig, a), from_args(TrainConfig, a), a.ds_config
+
+
+def test_cli_overrides_the_json_in_one_place():
+    _, train, path = parse("--lr", "3e-4", "--grad-accum", "4", "--clip-norm", "0.5", "--zero-stage", "3",
+                           "--precision", "bf16")
+    ds = merge_ds_config(load_ds_config(path), train, world_size=2)
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["betas"] == [0.9, 0.98]
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_json_values_kept_without_flags():
+    _, train, path = parse()
+    raw = load_ds_config(path)
+    ds = merge_ds_config(raw, train, world_size=1)
+    assert ds["optimizer"] == raw["optimizer"] and ds["gradient_clipping"] == raw["gradient_clipping"]
+
+
+def test_every_shipped_config_sets_clipping_and_loads():
+    import glob
+
+    files = glob.glob("ds_configs/*.json")
+    assert len(files) >= 9
+    for f in files:
+        ds = load_ds_config(f)
+        assert "gradient_clipping" in ds, f
+        if ds.get("fp16", {}).get("enabled"):
+            assert ds["fp16"]["loss_scale"] == 0, f"{f}: fp16 must use dynamic loss scaling"
+
+
+def test_bad_configs_name_the_value(tmp_path):
+    _, train, _ = parse()
+    with pytest.raises(ValueError, match="does not exist"):
+        load_ds_config(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,,}')
+    with pytest.raises(ValueError, match="line 1 column"):
+        load_ds_config(str(bad))
+    with pytest.raises(ValueError, match="gradient_clipping"):
+        merge_ds_config({"optimizer": {"params": {"lr": 1}}}, train, 1)
+    with pytest.raises(ValueError, match="scheduler"):
+        merge_ds_config({"gradient_clipping": 1, "optimizer": {"params": {"lr": 1}}, "scheduler": {}}, train, 1)
+    _, train, _ = parse("--precision", "fp8")
+    with pytest.raises(ValueError, match="fp8"):
+        merge_ds_config({"gradient_clipping": 1, "optimizer": {"params": {"lr": 1}}}, train, 1)
+
+
+def test_help_shows_field_docs(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "Sampling temperature T" in out and "--warmup-steps" in out and "--no-resume" in out
+    json.dumps(vars(build_parser().parse_args([])))

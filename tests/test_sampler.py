@@ -1,0 +1,72 @@
+import math
+
+import numpy as np
+import pytest
+
+from megavac.data import TemperatureSampler, pack_by_length, sampling_probs
+
+SIZES = [20000, 2000, 200, 50]
+
+
+def lengths(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 40, size=n) for n in SIZES]
+
+
+@pytest.mark.parametrize("T", [1.0, 5.0, math.inf])
+def test_realised_ratios_match_temperature(T):
+    p = sampling_probs(SIZES, T)
+    q = np.asarray(SIZES, float) / sum(SIZES)
+    expected = {1.0: q, 5.0: q ** 0.2 / (q ** 0.2).sum(), math.inf: np.full(4, 0.25)}[T]
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    s = TemperatureSampler(lengths(), p, max_tokens=400, seed=3)
+    for _ in range(3000):
+        next(s)
+    np.testing.assert_allclose(s.realised_ratios(), p, atol=0.01)
+
+
+def test_explicit_weights_and_bad_values():
+    np.testing.assert_allclose(sampling_probs(SIZES, 5.0, [1, 1, 2, 0]), [0.25, 0.25, 0.5, 0])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sampling_probs(SIZES, 0.0)
+    with pytest.raises(ValueError, match=r"\[1.0, -1.0\]"):
+        sampling_probs([5, 5], 1.0, [1, -1])
+
+
+def test_batches_respect_budget_and_are_grouped_by_language():
+    s = TemperatureSampler(lengths(), sampling_probs(SIZES, 5.0), max_tokens=300, seed=1)
+    L = lengths()
+    for _ in range(200):
+        batch = next(s)
+        assert max(L[k][i] for k, i in batch) * len(batch) <= 300
+    assert sum(map(len, pack_by_length(list(range(9)), np.arange(9), 10))) == 9
+
+
+def test_deterministic_and_disjoint_across_ranks():
+    p = sampling_probs(SIZES, 1.0)
+    runs = [[next(s) for _ in range(50)] for s in
+            (TemperatureSampler(lengths(), p, 300, seed=5, rank=r, world=2) for r in (0, 1, 0))]
+    assert runs[0] == runs[2]
+    seen0 = {x for b in runs[0] for x in b if x[0] == 0}  # task 0 never wraps an epoch in 50 batches
+    seen1 = {x for b in runs[1] for x in b if x[0] == 0}
+    assert seen0 and seen1 and not seen0 & seen1
+
+
+def test_resume_mid_pool_gives_the_same_stream():
+    p = sampling_probs(SIZES, 5.0)
+    a = TemperatureSampler(lengths(), p, 300, seed=9, rank=1, world=2, pool_batches=8)
+    first = [next(a) for _ in range(13)]  # 13 is mid-pool (8 per rank per pool)
+    state = a.state_dict()
+    rest = [next(a) for _ in range(30)]
+    b = TemperatureSampler(lengths(), p, 300, seed=9, rank=1, world=2, pool_batches=8)
+    b.load_state_dict(state)
+    assert [next(b) for _ in range(30)] == rest
+    assert first
+    with pytest.raises(ValueError, match="world=4"):
+        TemperatureSampler(lengths(), p, 300, seed=9, world=4).load_state_dict(state)
+
+
+def test_epochs_cover_every_example_of_a_task():
+    s = TemperatureSampler([np.full(50, 5)], np.ones(1), max_tokens=50, seed=0, pool_batches=1)
+    drawn = [i for _ in range(10) for _, i in next(s)]  # 10 rows per batch -> 100 = two epochs
+    assert sorted(drawn[:50]) == list(range(50)) and sorted(drawn[50:]) == list(range(50))
