@@ -36,7 +36,10 @@ def init(timeout_minutes: int = 30) -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
+        # Under mpirun, mpi4py discovery sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from MPI and uses
+        # this port (MASTER_PORT from the environment, e.g. `mpirun -x MASTER_PORT`, default 29500).
         deepspeed.init_distributed(auto_mpi_discovery=launched_by_mpi(), verbose=False,
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     acc = get_accelerator()

@@ -43,7 +43,7 @@ def resolve_data_dir(data: DataConfig, rank: int) -> str:
     """The prepared data dir; the synthetic default is generated once (by rank 0) and cached."""
     if data.data_dir:
         return data.data_dir
-    from data_pipeline.synthetic import ensure_prepared_synthetic
+    from data_pipeline.default_corpus import ensure_prepared_synthetic
 
     prepared = Path(data.synthetic_dir) / "prepared"
     if rank == 0 and not (prepared / "meta.json").is_file():
