@@ -10,13 +10,11 @@ ranked by ``score / n ** lenpen`` (fairseq's simple length normalisation, GNMT w
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 NEG_INF = float("-inf")
 
@@ -55,30 +53,9 @@ def max_lengths(src: torch.Tensor, cfg: SearchConfig, max_positions: int) -> tor
     return n.clamp(min=cfg.min_len, max=max_positions - 1)
 
 
-@contextlib.contextmanager
-def last_position_only(model):
-    """Make ``model.decode`` project only the last target position onto the vocabulary.
-
-    Without a KV cache every step re-decodes the whole prefix, and the tied output projection
-    would produce [N, T, V] logits of which search uses one row: with a large multilingual
-    vocabulary that is most of the step's time and memory. Slicing the output of the final
-    decoder norm (the projection's input) avoids it without touching the model. Models without
-    ``dec_norm`` (e.g. hand-wired test modules) are left alone; callers take ``[:, -1]`` anyway.
-    """
-    norm = getattr(model, "dec_norm", None)
-    if not isinstance(norm, nn.Module):
-        yield
-        return
-    handle = norm.register_forward_hook(lambda _mod, _inp, out: out[:, -1:])
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _next_lprobs(model, tokens, memory, src, step, max_len, cfg: SearchConfig) -> torch.Tensor:
     """Log-probabilities [N, V] for the next token, with the decoding constraints applied."""
-    logits = model.decode(tokens, memory, src)[:, -1]
+    logits = model.decode(tokens, memory, src, last_only=True)[:, -1]
     lprobs = F.log_softmax(logits.float(), dim=-1)
     lprobs[:, cfg.pad_id] = NEG_INF
     lprobs[:, cfg.bos_id] = NEG_INF
@@ -95,7 +72,7 @@ def _next_lprobs(model, tokens, memory, src, step, max_len, cfg: SearchConfig) -
 
 def greedy_search(model, src: torch.Tensor, cfg: SearchConfig) -> list[list[int]]:
     """Arg-max decoding; a sentence stops at its first EOS (or its length cap)."""
-    with torch.inference_mode(), last_position_only(model):
+    with torch.inference_mode():
         return _greedy(model, src, cfg)
 
 
@@ -104,7 +81,7 @@ def beam_search(model, src: torch.Tensor, cfg: SearchConfig) -> list[list[int]]:
 
     Hypotheses are returned without BOS/EOS; ``cfg.beam == 1`` is plain greedy decoding.
     """
-    with torch.inference_mode(), last_position_only(model):
+    with torch.inference_mode():
         return _greedy(model, src, cfg) if cfg.beam == 1 else _beam(model, src, cfg)
 
 

@@ -169,12 +169,17 @@ class Transformer(nn.Module):
             x = layer(x, mask)
         return self.enc_norm(x)
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V] for every target position (causal; padding sits after real tokens)."""
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src: torch.Tensor, last_only: bool = False):
+        """Logits [B, T, V] for every target position (causal; padding sits after real tokens).
+
+        ``last_only`` projects just the final position ([B, 1, V]): search needs one row, and the
+        [B, T, V] projection would dominate a decoding step's time with a large vocabulary.
+        """
         y, mask = self.embed_tokens(tgt_in), self.key_mask(src)
         for layer in self.decoder:
             y = layer(y, memory, mask)
-        return F.linear(self.dec_norm(y), self.embed.weight)  # tied output projection
+        y = self.dec_norm(y[:, -1:] if last_only else y)
+        return F.linear(y, self.embed.weight)  # tied output projection
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.decode(tgt_in, self.encode(src), src)
