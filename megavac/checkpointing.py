@@ -10,6 +10,7 @@ file, a ``best`` file in the same format, and inside each tag:
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -49,22 +50,32 @@ class Checkpointer:
         return p.read_text().strip() if p.is_file() else None
 
     def save(self, engine, step: int, global_state: dict, rank_state: dict, val_loss: float | None):
+        """Write every shard, then point ``latest`` at it: a run killed mid-save resumes from the
+        previous complete checkpoint instead of a half-written one."""
         tag = f"step_{step}"
         is_best = val_loss is not None and val_loss < self.best_loss
         if is_best:
             self.best_loss = val_loss
-        client = {"megavac": {**global_state, "best_loss": self.best_loss, "step": step}}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=True)
+        self.tag_dir(tag).mkdir(parents=True, exist_ok=True)
         torch.save({**rank_state, "rng": rng_state()}, self.tag_dir(tag) / f"megavac_rank{self.rank}.pt")
+        client = {"megavac": {**global_state, "best_loss": self.best_loss, "step": step}}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         barrier()
         if self.rank == 0:
             meta = {**self.info, "step": step, "val_loss": val_loss, "tag": tag}
             (self.tag_dir(tag) / "megavac.json").write_text(json.dumps(meta, indent=2))
+            self._write_pointer("latest", tag)
             if is_best:
-                (self.root / "best").write_text(tag)
+                self._write_pointer("best", tag)
             self._prune()
         barrier()
         return tag
+
+    def _write_pointer(self, name: str, tag: str):
+        """Atomically write a DeepSpeed-style pointer file (``latest``/``best``) holding a tag."""
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, self.root / name)
 
     def _prune(self):
         """Keep the newest ``keep_last`` step checkpoints and the best one."""

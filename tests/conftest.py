@@ -1,0 +1,72 @@
+"""Shared fixtures: a small prepared synthetic corpus and helpers to run the real launchers."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_data() -> Path | None:
+    """The real corpora beside the project (or $MEGAVAC_SHARED_DATA), if present."""
+    p = Path(os.environ.get("MEGAVAC_SHARED_DATA", REPO.parent / "shared" / "data"))
+    return p if p.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory) -> Path:
+    """Six synthetic languages from four families, 60..3000 training pairs, prepared with vocab 600."""
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from data_pipeline.synthetic import build_languages, generate_corpus
+
+    root = tmp_path_factory.mktemp("synthetic")
+    langs = build_languages(0)
+    families = {}
+    for lang in langs:
+        families.setdefault(lang.family.name, []).append(lang.code)
+    codes = [c for fam in list(families.values())[:4] for c in fam[:2]][:6]
+    sizes = dict(zip(codes, [3000, 1500, 600, 300, 120, 60]))
+    generate_corpus(root / "corpus", seed=0, langs=codes, sizes=sizes, dev_size=40, test_size=30)
+    prepare(PrepareConfig(corpus=root / "corpus", out=root / "prepared", vocab_size=600, workers=1, quiet=True))
+    return root / "prepared"
+
+
+def launch_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def deepspeed_cmd(nproc: int, *args) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), str(REPO / "launch" / "train.py"), *map(str, args)]
+
+
+def run(cmd, timeout=600, check=True, **kw) -> subprocess.CompletedProcess:
+    cmd = [str(c) for c in cmd]
+    p = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
+def train_losses(save_dir: Path) -> dict[int, float]:
+    """step -> training loss from metrics.jsonl (the last record wins: a resumed run rewrites steps)."""
+    out = {}
+    for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
