@@ -33,8 +33,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "small"
-    """Model size preset: tiny, small, base, big."""
+    model: str = "mini"
+    """Model size preset: tiny, mini, small, base, big (mini suits the synthetic corpus on CPU)."""
     dropout: float | None = None
     """Dropout; None keeps the preset's value."""
     label_smoothing: float = 0.1

@@ -50,6 +50,7 @@ class ModelConfig:
 # Named sizes. "big" is Transformer-big (Vaswani et al. 2017); "base" the 6+6 layer base model.
 PRESETS = {
     "tiny": dict(d_model=64, n_heads=4, enc_layers=2, dec_layers=2, d_ff=256),
+    "mini": dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, d_ff=512),
     "small": dict(d_model=256, n_heads=4, enc_layers=3, dec_layers=3, d_ff=1024),
     "base": dict(d_model=512, n_heads=8, enc_layers=6, dec_layers=6, d_ff=2048),
     "big": dict(d_model=1024, n_heads=16, enc_layers=6, dec_layers=6, d_ff=4096, dropout=0.3),
