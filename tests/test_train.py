@@ -108,3 +108,27 @@ def test_user_errors_are_one_clear_line(small_synthetic, tmp_path):
     assert p.returncode == 2 and "gradient_clipping" in p.stderr
     p = run([sys.executable, "launch/train.py", *args(small_synthetic, tmp_path / "z", "--tasks", "en-xyz")], check=False)
     assert p.returncode == 2 and "en-xyz" in p.stderr
+
+
+def test_real_corpora_through_the_whole_pipeline(tmp_path):
+    """Tatoeba + NTREX pairs: prepare (both directions), train on 2 ranks, evaluate per direction."""
+    from conftest import shared_data
+
+    root = shared_data()
+    if root is None:
+        pytest.skip("../shared/data (real corpora) not present; set MEGAVAC_SHARED_DATA to run this test")
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    prepared = tmp_path / "tato"
+    meta = prepare(PrepareConfig(corpus=root / "tatoeba_challenge", out=prepared, langs=["tzl", "kat", "deu"],
+                                 direction="both", vocab_size=1000, workers=2, quiet=True))
+    assert [t["name"] for t in meta["tasks"]] == ["deu-en", "en-deu", "en-kat", "kat-en", "en-tzl", "tzl-en"] or \
+        len(meta["tasks"]) == 6
+    save = tmp_path / "run"
+    run(deepspeed_cmd(2, *args(prepared, save, "--max-steps", 6, "--save-interval", 6, "--temperature", "inf")))
+    res = tmp_path / "eval.json"
+    run([sys.executable, "launch/evaluate.py", "--checkpoint", save / "checkpoints", "--split", "dev",
+         "--tasks", "en-tzl,tzl-en", "--beam", "2", "--max-len-b", "5", "--out", res])
+    out = json.loads(res.read_text())
+    assert set(out["tasks"]) == {"en-tzl", "tzl-en"} and out["tasks"]["en-tzl"]["n"] == meta["pairs"]["tzl"]["dev"]
+    assert out["tasks"]["en-tzl"]["group"] == "low"
