@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,6 +18,8 @@ from megavac.config import DataConfig, TrainConfig, build_parser, from_args  # n
 
 
 def main(argv=None):
+    # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 marks deprecated: noise for users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args = build_parser().parse_args(argv)
     data, train = from_args(DataConfig, args), from_args(TrainConfig, args)
     from megavac.trainer import Trainer

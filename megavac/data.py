@@ -142,10 +142,15 @@ class TemperatureSampler:
     """
 
     def __init__(self, lengths: list[np.ndarray], probs: np.ndarray, max_tokens: int, seed: int,
-                 rank: int = 0, world: int = 1, pool_batches: int = 64):
+                 rank: int = 0, world: int = 1, pool_batches: int = 64, langs_per_pool: int = 0):
         self.lengths, self.probs = lengths, np.asarray(probs, dtype=np.float64)
         self.max_tokens, self.seed, self.rank, self.world = max_tokens, seed, rank, world
         self.pool_batches = pool_batches
+        # CATS trains each batch on a few languages: draw that many (without replacement, by p) per pool.
+        self.langs_per_pool = langs_per_pool
+        if langs_per_pool and not 0 < langs_per_pool <= int((self.probs > 0).sum()):
+            raise ValueError(f"langs_per_batch={langs_per_pool} must be between 1 and the {int((self.probs > 0).sum())} "
+                             "languages with non-zero sampling probability")
         longest = max(int(x.max()) for x in lengths if len(x))
         if longest > max_tokens:
             raise ValueError(f"max_tokens={max_tokens} is smaller than the longest training example ({longest} tokens)")
@@ -177,9 +182,14 @@ class TemperatureSampler:
         self._pool_start = {"rng": self.rng.bit_generator.state, "epoch": self.epoch.copy(),
                             "cursor": self.cursor.copy()}
         budget = self.pool_batches * self.world * self.max_tokens
+        p = self.probs
+        if self.langs_per_pool:
+            chosen = self.rng.choice(len(p), size=self.langs_per_pool, replace=False, p=p)
+            p = np.zeros_like(p)
+            p[chosen] = self.probs[chosen] / self.probs[chosen].sum()
         items, lens, total = [], [], 0
         while total < budget:
-            for k in self.rng.choice(len(self.probs), size=256, p=self.probs):
+            for k in self.rng.choice(len(p), size=256, p=p):
                 i = self._take(int(k))
                 n = int(self.lengths[k][i])
                 items.append((int(k), i))

@@ -70,3 +70,16 @@ def test_epochs_cover_every_example_of_a_task():
     s = TemperatureSampler([np.full(50, 5)], np.ones(1), max_tokens=50, seed=0, pool_batches=1)
     drawn = [i for _ in range(10) for _, i in next(s)]  # 10 rows per batch -> 100 = two epochs
     assert sorted(drawn[:50]) == list(range(50)) and sorted(drawn[50:]) == list(range(50))
+
+
+def test_langs_per_pool_limits_languages_per_batch():
+    p = sampling_probs(SIZES, math.inf)
+    s = TemperatureSampler(lengths(), p, 300, seed=2, pool_batches=1, langs_per_pool=2)
+    seen = set()
+    for _ in range(200):
+        langs = {k for k, _ in next(s)}
+        assert len(langs) <= 2
+        seen |= langs
+    assert seen == {0, 1, 2, 3}  # the subset is redrawn every pool
+    with pytest.raises(ValueError, match="langs_per_batch=5"):
+        TemperatureSampler(lengths(), p, 300, seed=2, langs_per_pool=5)
