@@ -32,6 +32,34 @@ class DataConfig:
 
 
 @dataclass
+class MethodConfig:
+    method: str = "monolithic"
+    """Per-language gradient method: monolithic, pcgrad, gradvac, cats, mgda, gradnorm."""
+    granularity: str = "all_layer"
+    """Parameter groups with their own Gram matrix: whole_model, enc_dec, all_layer, all_matrix."""
+    gradvac_tasks: str = "all"
+    """Languages GradVac alters: all, lrl (low-resource only) or hrl (high-resource only)."""
+    resource_threshold: int = 100_000
+    """Training pairs below which a language counts as low-resource (gradvac lrl/hrl)."""
+    ema_beta: float = 1e-2
+    """GradVac EMA rate β of the cosine-similarity targets."""
+    fixed_target: float | None = None
+    """GradVac with a constant target φ^T (e.g. 0.5) instead of EMA targets."""
+    cats_alpha_lr: float = 0.1
+    """CATS learning rate of the task weights α (the paper uses 0.1 or 1.0)."""
+    cats_warm_steps: int = 8000
+    """CATS: steps during which α is updated every cats_warm_interval steps."""
+    cats_warm_interval: int = 10
+    """CATS: α-update interval M early in training (10 or 100 in the paper)."""
+    cats_interval: int = 1000
+    """CATS: α-update interval M after cats_warm_steps."""
+    langs_per_batch: int | None = None
+    """Languages per batch (pool); None: all for most methods, 8 for CATS (the paper's OPUS-100 setting)."""
+    gram_log_interval: int = 0
+    """Save per-group Gram matrices (npz, with the language order) every N steps; 0 disables."""
+
+
+@dataclass
 class TrainConfig:
     model: str = "mini"
     """Model size preset: tiny, mini, small, base, big (mini suits the synthetic corpus on CPU)."""
@@ -41,9 +69,9 @@ class TrainConfig:
     """Label smoothing of the cross entropy."""
     lr: float | None = None
     """Peak learning rate; None keeps the ds_config optimizer's lr."""
-    warmup_steps: int = 400
+    warmup_steps: int = 200
     """Linear warm-up steps, then inverse square root decay."""
-    max_steps: int = 3000
+    max_steps: int = 2000
     """Optimizer updates to train for."""
     grad_accum: int | None = None
     """Micro-batches per update; None keeps the ds_config's gradient_accumulation_steps."""
@@ -113,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_dataclass_args(p.add_argument_group("data"), DataConfig)
     add_dataclass_args(p.add_argument_group("training"), TrainConfig)
+    add_dataclass_args(p.add_argument_group("per-language gradient methods"), MethodConfig)
     return p
 
 
@@ -200,9 +229,10 @@ def parse_lang_weights(text: str, names: list[str]) -> list[float] | None:
     return list(weights.values())
 
 
-def run_config_dict(data: DataConfig, train: TrainConfig, model: ModelConfig, ds: dict) -> dict:
-    return {"data": asdict(data), "train": asdict(train), "model": model.to_dict(), "ds_config": ds}
+def run_config_dict(data: DataConfig, train: TrainConfig, method: MethodConfig, model: ModelConfig, ds: dict) -> dict:
+    return {"data": asdict(data), "train": asdict(train), "method": asdict(method), "model": model.to_dict(),
+            "ds_config": ds}
 
 
-__all__ = ["DataConfig", "TrainConfig", "build_parser", "from_args", "merge_ds_config", "model_config",
+__all__ = ["DataConfig", "MethodConfig", "TrainConfig", "build_parser", "from_args", "merge_ds_config", "model_config",
            "load_ds_config", "precision_of", "parse_lang_weights", "run_config_dict"]

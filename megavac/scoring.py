@@ -114,8 +114,16 @@ def tokenizer_available(name: str) -> bool:
         return False
 
 
-def bleu_tokenizer(lang: str) -> str:
-    """sacrebleu BLEU tokenizer for a target language: zh, ja-/ko-mecab, else 13a."""
+def unspaced(refs: list[str]) -> bool:
+    """True for text written without spaces between words (Thai, Khmer, Burmese, Japanese, ...):
+    under 13a a whole sentence would be one "word" and BLEU meaningless."""
+    chars = sum(len(r) for r in refs)
+    return chars > 0 and sum(r.count(" ") for r in refs) * 20 < chars
+
+
+def bleu_tokenizer(lang: str, refs: list[str] | None = None) -> str:
+    """sacrebleu BLEU tokenizer for a target language: zh, ja-/ko-mecab, else 13a; ``char`` (with a
+    warning) for other languages whose references are written without spaces."""
     code = base_code(lang)
     if code in CHINESE:
         return "zh"
@@ -125,7 +133,15 @@ def bleu_tokenizer(lang: str) -> str:
             return name
         _warn_fallback(lang, name)
         return FALLBACK_TOKENIZER
+    if refs is not None and unspaced(refs):
+        _warn_unspaced(lang)
+        return "char"
     return "13a"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unspaced(lang: str):
+    log.warning("references of %r have almost no spaces: scoring BLEU with the 'char' tokenizer", lang)
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,7 +290,7 @@ def evaluate(model, data_dir, out_dir, tasks=None, opts: EvalOptions | None = No
 
         hyp_file = out_dir / f"hyp.{task['name']}.{split}.txt"
         hyp_file.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        tok = bleu_tokenizer(task["tgt"])
+        tok = bleu_tokenizer(task["tgt"], refs)
         scores = score_corpus(hyps, refs, tok)
         signatures["bleu"][tok] = scores.pop("bleu_signature")
         signatures["chrf"] = scores.pop("chrf_signature")

@@ -119,6 +119,8 @@ def test_japanese_korean_tokenizer_or_char_fallback(caplog):
                 assert bleu_tokenizer(lang) == "char"
                 assert any(lang in r.message and "char" in r.message for r in caplog.records)
     assert bleu_tokenizer("de") == bleu_tokenizer("fr") == "13a"
+    assert bleu_tokenizer("qga", ["ネソバンハゲボズロンミゼオコン。"] * 3) == "char"  # unknown code, unspaced script
+    assert bleu_tokenizer("qaa", ["Mi katolbe neruno fu kuli."]) == "13a"
 
 
 def test_resource_groups():
