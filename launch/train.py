@@ -14,18 +14,18 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megavac.config import DataConfig, TrainConfig, build_parser, from_args  # noqa: E402
+from megavac.config import DataConfig, MethodConfig, TrainConfig, build_parser, from_args  # noqa: E402
 
 
 def main(argv=None):
     # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 marks deprecated: noise for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args = build_parser().parse_args(argv)
-    data, train = from_args(DataConfig, args), from_args(TrainConfig, args)
+    data, train, method = from_args(DataConfig, args), from_args(TrainConfig, args), from_args(MethodConfig, args)
     from megavac.trainer import Trainer
 
     try:
-        trainer = Trainer(data, train, args.ds_config)
+        trainer = Trainer(data, train, method, args.ds_config)
     except ValueError as e:  # user errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -17,7 +17,7 @@ import torch
 
 from megavac import distributed
 from megavac.checkpointing import Checkpointer
-from megavac.config import (DataConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
+from megavac.config import (DataConfig, MethodConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
                             parse_lang_weights, precision_of, run_config_dict)
 from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampling_probs
 from megavac.loss import per_language_losses
@@ -53,9 +53,37 @@ def resolve_data_dir(data: DataConfig, rank: int) -> str:
     return str(prepared)
 
 
+def build_method(cfg: MethodConfig, train_data: MultilingualDataset):
+    """The per-language gradient method with its options from the CLI (None for plain training)."""
+    from megavac.methods import build_method as build
+
+    K = train_data.num_tasks
+    sizes = [train_data.meta["pairs"][t["pair"]]["train_raw"] for t in train_data.tasks]
+    options = {
+        "monolithic": {},
+        "pcgrad": {},
+        "gradvac": dict(beta=cfg.ema_beta, tasks=cfg.gradvac_tasks, sizes=sizes,
+                        size_threshold=cfg.resource_threshold, fixed_target=cfg.fixed_target),
+        "cats": dict(alpha_lr=cfg.cats_alpha_lr, cats_warm_steps=cfg.cats_warm_steps,
+                     cats_warm_interval=cfg.cats_warm_interval, cats_interval=cfg.cats_interval,
+                     **({} if cfg.langs_per_batch is None else {"langs_per_batch": cfg.langs_per_batch})),
+        "mgda": {},
+        "gradnorm": {},
+    }
+    if cfg.method not in options:
+        raise ValueError(f"--method {cfg.method!r} is not one of {sorted(options)}")
+    return build(cfg.method, K, **options[cfg.method])
+
+
+def langs_per_pool(cfg: MethodConfig, method) -> int:
+    if cfg.langs_per_batch is not None:
+        return cfg.langs_per_batch
+    return getattr(method, "langs_per_batch", None) or 0
+
+
 class Trainer:
-    def __init__(self, data: DataConfig, train: TrainConfig, ds_config_path: str):
-        self.data_cfg, self.cfg = data, train
+    def __init__(self, data: DataConfig, train: TrainConfig, method: MethodConfig, ds_config_path: str):
+        self.data_cfg, self.cfg, self.method_cfg = data, train, method
         self.rank, self.world, self.local_rank = distributed.init()
         self.device = distributed.device()
         if self.rank != 0:
@@ -85,18 +113,30 @@ class Trainer:
         # Dropout must differ across ranks but be reproducible: seed the torch RNG per rank after init.
         torch.manual_seed(train.seed * 1000 + self.rank)
 
+        # Per-language gradient method; monolithic keeps the plain path (no DeepSpeed internals).
+        self.method = build_method(method, self.train_data)
+        self.pergrad = None
+        if method.method != "monolithic":
+            from megavac.pergrad import PerLanguageStep
+
+            self.pergrad = PerLanguageStep(
+                self.engine, self.method, self.K, pad_id=meta["pad_id"], label_smoothing=train.label_smoothing,
+                granularity=method.granularity, seed=train.seed, lang_names=self.train_data.names,
+                gram_log_dir=Path(train.save_dir) / "grams", gram_log_interval=method.gram_log_interval)
+
         # Components
         lengths = [self.train_data.example_len(k, np.arange(n)) for k, n in enumerate(self.train_data.sizes)]
         self.probs = sampling_probs(self.train_data.sizes, data.temperature,
                                     parse_lang_weights(data.lang_weights, self.train_data.names))
         self.sampler = TemperatureSampler(lengths, self.probs, data.max_tokens, train.seed, self.rank,
-                                          self.world, data.pool_batches)
+                                          self.world, data.pool_batches, langs_per_pool(method, self.method))
         self.validator = Validator(self.dev_data, train.valid_max_tokens, self.model_cfg.max_positions,
                                    self.rank, self.world, self.device, train.label_smoothing)
         self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
         info = {"model": self.model_cfg.to_dict(), "data_dir": str(Path(self.data_dir).resolve()),
                 "tasks": self.train_data.names, "world_size": self.world,
-                "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config)}
+                "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config),
+                "method": method.method}
         self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
         self.step = 0
         if train.resume:
@@ -107,11 +147,12 @@ class Trainer:
         if self.rank != 0:
             return
         Path(self.cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        run = run_config_dict(self.data_cfg, self.cfg, self.model_cfg, self.ds_config)
+        run = run_config_dict(self.data_cfg, self.cfg, self.method_cfg, self.model_cfg, self.ds_config)
         (Path(self.cfg.save_dir) / "config.json").write_text(json.dumps(run, indent=2, default=str))
         print(f"model {self.cfg.model}: {model.num_parameters():,} parameters | {self.K} tasks | "
               f"world {self.world} | ZeRO-{self.ds_config['zero_optimization']['stage']} "
-              f"{precision_of(self.ds_config)} | grad accum {self.ga} | data {self.data_dir}", flush=True)
+              f"{precision_of(self.ds_config)} | grad accum {self.ga} | method {self.method_cfg.method} | "
+              f"data {self.data_dir}", flush=True)
         print("sampling probabilities: " + ", ".join(
             f"{n} {p:.3f}" for n, p in zip(self.train_data.names, self.probs)), flush=True)
 
@@ -123,6 +164,8 @@ class Trainer:
             return
         state, rank_state = loaded
         self.step = state["step"]
+        if self.pergrad is not None:
+            self.pergrad.load_state_dict(state["method"])
         self.sampler.load_state_dict(rank_state["sampler"])
         if self.rank == 0:
             print(f"resumed from step {self.step} ({self.checkpointer.root})", flush=True)
@@ -131,6 +174,13 @@ class Trainer:
         """One optimizer update over ``ga`` micro-batches. Returns local sums
         [loss × tokens, tokens, nll_k (K), tokens_k (K)] for logging."""
         K = self.K
+        if self.pergrad is not None:
+            batches = [collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
+                       for _ in range(self.ga)]
+            out = self.pergrad.run(batches, self.step)
+            if out.gram_step and self.step % self.cfg.lang_log_interval == 0:
+                self.metrics.write(self.step, "method", out.lang_log(self.train_data.names))
+            return out.sums
         stats = torch.zeros(2 + 2 * K, dtype=torch.float64)
         for _ in range(self.ga):
             batch = collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
@@ -157,7 +207,8 @@ class Trainer:
         return out["avg_nll"]
 
     def save(self, val_loss: float | None):
-        self.checkpointer.save(self.engine, self.step, global_state={},
+        global_state = {"method": self.pergrad.state_dict()} if self.pergrad is not None else {}
+        self.checkpointer.save(self.engine, self.step, global_state=global_state,
                                rank_state={"sampler": self.sampler.state_dict()}, val_loss=val_loss)
 
     def _log_languages(self, lang_stats: torch.Tensor):
