@@ -53,8 +53,17 @@ def resolve_data_dir(data: DataConfig, rank: int) -> str:
     return str(prepared)
 
 
-def build_method(cfg: MethodConfig, train_data: MultilingualDataset):
-    """The per-language gradient method with its options from the CLI (None for plain training)."""
+def last_shared_layer(param_names: list[str], granularity: str) -> int:
+    """GradNorm's W: the group of the last decoder layer (the whole decoder / model when coarser)."""
+    from megavac.pergrad import build_groups
+
+    names, _ = build_groups(param_names, granularity)
+    layers = [i for i, n in enumerate(names) if n.startswith("decoder") and "norm" not in n]
+    return layers[-1] if layers else len(names) - 1
+
+
+def build_method(cfg: MethodConfig, train_data: MultilingualDataset, param_names: list[str]):
+    """The per-language gradient method with its options from the CLI."""
     from megavac.methods import build_method as build
 
     K = train_data.num_tasks
@@ -68,7 +77,8 @@ def build_method(cfg: MethodConfig, train_data: MultilingualDataset):
                      cats_warm_interval=cfg.cats_warm_interval, cats_interval=cfg.cats_interval,
                      **({} if cfg.langs_per_batch is None else {"langs_per_batch": cfg.langs_per_batch})),
         "mgda": {},
-        "gradnorm": {},
+        # GradNorm balances gradient norms on the last shared layer: the last decoder layer.
+        "gradnorm": {"gradnorm_group": last_shared_layer(param_names, cfg.granularity)},
     }
     if cfg.method not in options:
         raise ValueError(f"--method {cfg.method!r} is not one of {sorted(options)}")
@@ -114,7 +124,7 @@ class Trainer:
         torch.manual_seed(train.seed * 1000 + self.rank)
 
         # Per-language gradient method; monolithic keeps the plain path (no DeepSpeed internals).
-        self.method = build_method(method, self.train_data)
+        self.method = build_method(method, self.train_data, [n for n, _ in model.named_parameters()])
         self.pergrad = None
         if method.method != "monolithic":
             from megavac.pergrad import PerLanguageStep
@@ -165,6 +175,9 @@ class Trainer:
         state, rank_state = loaded
         self.step = state["step"]
         if self.pergrad is not None:
+            if "method" not in state:
+                raise ValueError(f"--resume with --method {self.method_cfg.method}: the checkpoint in "
+                                 f"{self.checkpointer.root} holds no method state (it was trained without a method)")
             self.pergrad.load_state_dict(state["method"])
         self.sampler.load_state_dict(rank_state["sampler"])
         if self.rank == 0:
@@ -178,9 +191,17 @@ class Trainer:
             batches = [collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
                        for _ in range(self.ga)]
             out = self.pergrad.run(batches, self.step)
-            if out.gram_step and self.step % self.cfg.lang_log_interval == 0:
-                self.metrics.write(self.step, "method", out.lang_log(self.train_data.names))
-            return out.sums
+            if out.gram_step and (self.step + 1) % self.cfg.lang_log_interval == 0:
+                self.metrics.write(self.step + 1, "method", out.lang_log(self.train_data.names))
+            stats = out.sums
+        else:
+            stats = self._plain_micro_steps()
+        if not math.isfinite(stats[0]):
+            raise FloatingPointError(f"non-finite training loss at step {self.step + 1}")
+        return stats
+
+    def _plain_micro_steps(self) -> torch.Tensor:
+        K = self.K
         stats = torch.zeros(2 + 2 * K, dtype=torch.float64)
         for _ in range(self.ga):
             batch = collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
@@ -194,8 +215,6 @@ class Trainer:
             stats[1] += batch.ntokens
             stats[2:2 + K] += nll_k.double().cpu()
             stats[2 + K:] += ntok_k.double().cpu()
-        if not math.isfinite(stats[0]):
-            raise FloatingPointError(f"non-finite training loss at step {self.step + 1}")
         return stats
 
     def validate(self) -> float:

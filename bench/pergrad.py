@@ -1,0 +1,154 @@
+"""Step time of every gradient method relative to monolithic training, measured side by side.
+
+    python bench/pergrad.py [--langs 4 8 16] [--reps 5] [--model tiny] [--vocab 4000] [--tokens 1024] [--zero 2]
+    deepspeed --num_gpus 2 bench/pergrad.py ...            # 2 CPU ranks (gloo)
+
+One DeepSpeed engine, one process per rank. For each K (languages per batch) every repetition draws
+one batch of about --tokens target tokens split evenly over K languages, and every method takes one
+optimizer step on that same batch, in rotating order (interleaved, so drift in machine load hits all
+methods alike); the first repetition is a warm-up. Methods run through ``PerLanguageStep`` exactly as
+in training: "monolithic" is the plain path (one backward), "mono-gram" forces monolithic weights
+through the K-backward Gram path (the collector's overhead alone), the others need a Gram every step
+(CATS with a meta step every step). Printed: median seconds of monolithic, each method's median as a
+ratio to it, the Gram path's phase split, and the extra memory per rank (the K gradient slices).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megavac.data import Batch  # noqa: E402
+from megavac.methods import build_method  # noqa: E402
+from megavac.model import PRESETS, ModelConfig, Transformer  # noqa: E402
+from megavac.pergrad import KBackwardCollector, PerLanguageStep  # noqa: E402
+
+METHODS = [
+    ("monolithic", "monolithic", {}),
+    ("mono-gram", "monolithic", {}),
+    ("pcgrad", "pcgrad", {}),
+    ("gradvac", "gradvac", {}),
+    ("mgda", "mgda", {}),
+    ("cats", "cats", {"cats_warm_interval": 1}),
+    ("gradnorm", "gradnorm", {}),
+]
+PHASES = ("collect", "gram", "weights", "combine", "step")
+
+
+def make_batch(K: int, tokens: int, vocab: int, gen: torch.Generator) -> Batch:
+    """About ``tokens`` target tokens over K languages, rows grouped by language, lengths 12..32."""
+    rows = []
+    per_lang = max(1, tokens // (K * 22))
+    for k in range(K):
+        for _ in range(per_lang):
+            s, t = (int(x) for x in torch.randint(12, 33, (2,), generator=gen))
+            src = torch.randint(4, vocab, (s,), generator=gen)
+            rows.append((k, src, torch.randint(4, vocab, (t + 1,), generator=gen)))
+    S, T = max(len(r[1]) for r in rows), max(len(r[2]) for r in rows) - 1
+    src = torch.zeros(len(rows), S, dtype=torch.long)
+    tgt_in = torch.zeros(len(rows), T, dtype=torch.long)
+    tgt_out = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (_, s, t) in enumerate(rows):
+        src[i, :len(s)] = s
+        tgt_in[i, :len(t) - 1] = t[:-1]
+        tgt_out[i, :len(t) - 1] = t[1:]
+    lang = torch.tensor([r[0] for r in rows])
+    segments = {k: (k * per_lang, (k + 1) * per_lang) for k in range(K)}
+    return Batch(src, tgt_in, tgt_out, lang, segments, int((tgt_out != 0).sum()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--langs", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--model", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--vocab", type=int, default=4000)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
+    ap.add_argument("--granularity", default="all_layer")
+    # One thread by default: on a shared machine more threads than free cores make every step wait on
+    # its slowest thread and timings swing 20x between repetitions.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (0: torch's default)")
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 marks deprecated: noise here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+        os.environ.setdefault(k, v)
+    import importlib
+
+    import deepspeed
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo; skip a 60 s JIT build
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=args.vocab, **{**PRESETS[args.model], "dropout": 0.0})
+    model = Transformer(cfg)
+    ds = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0,
+          "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
+          "zero_optimization": {"stage": args.zero, "overlap_comm": False, "contiguous_gradients": True,
+                                "reduce_bucket_size": 50_000_000},
+          "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    P = model.num_parameters()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"model {args.model} ({P / 1e6:.2f}M parameters, vocab {args.vocab}), ZeRO-{args.zero}, {world} rank(s), "
+        f"~{args.tokens} target tokens per batch, {torch.get_num_threads()} thread(s) per rank, "
+        f"granularity {args.granularity}, {args.reps} interleaved repetitions (+1 warm-up), median")
+
+    gen = torch.Generator().manual_seed(1 + rank)
+    for K in args.langs:
+        collector = KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)
+        steps = {}
+        for label, name, opts in METHODS:
+            steps[label] = PerLanguageStep(engine, build_method(name, K, **opts), K, pad_id=0, label_smoothing=0.1,
+                                           granularity=args.granularity, collector=collector)
+        times = {label: [] for label in steps}
+        phases = {label: {p: [] for p in PHASES} for label in steps}
+        for rep in range(args.reps + 1):
+            batch = make_batch(K, args.tokens, args.vocab, gen)
+            order = list(steps)
+            order = order[rep % len(order):] + order[:rep % len(order)]
+            for label in order:
+                t0 = time.perf_counter()
+                if label == "mono-gram":
+                    out = steps[label].gram_step([batch], engine.global_steps)
+                else:
+                    out = steps[label].run([batch], engine.global_steps)
+                dt = time.perf_counter() - t0
+                if rep:
+                    times[label].append(dt)
+                    for p, v in out.extra.get("seconds", {}).items():
+                        phases[label][p].append(v)
+        med = {label: statistics.median(v) for label, v in times.items()}
+        base = med["monolithic"]
+        slices_mb = K * collector.partition.numel * 4 / 2**20
+        say(f"\nK = {K} languages per batch: monolithic {base * 1e3:.0f} ms/step; slices {slices_mb:.1f} MiB per rank "
+            f"= {K * collector.partition.numel / P:.2f} x fp32 model size")
+        say(f"  {'method':<11} {'x mono':>7}  " + "  ".join(f"{p:>8}" for p in PHASES) + "   (share of the Gram step)")
+        for label in steps:
+            split = ""
+            if phases[label]["collect"]:
+                tot = sum(statistics.median(phases[label][p]) for p in PHASES)
+                split = "  ".join(f"{statistics.median(phases[label][p]) / tot:>8.1%}" for p in PHASES)
+            say(f"  {label:<11} {med[label] / base:>7.2f}  {split}")
+        del collector, steps
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    say(f"\npeak RSS {rss1 / 1024:.0f} MiB (after engine init {rss0 / 1024:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The one module that touches DeepSpeed's private ZeRO internals (pinned to deepspeed 0.19.8).
+
+What the per-language step needs from DeepSpeed, and nothing more (DESIGN.md §3–4):
+
+* read this rank's slice of the REDUCED gradient, right after a backward at an accumulation boundary,
+  as one flat fp32 vector of the rank's local elements;
+* zero that slice, so the next backward yields the next language's gradient alone;
+* write a new value into it, which ``engine.step()`` then takes as the gradient (norm, clipping, the
+  fp16 overflow check and the optimizer all read it there);
+* the map from local elements to model parameters (``segments``), built once.
+
+Where the slice lives, per configuration:
+
+==========================  =======================================================================
+ZeRO-1/2, fp32 (or bf16/    ``optimizer.averaged_gradients[i]``: a list of tensors whose concatenation
+fp16 without fp32 accum)    is DeepSpeed param group i's flat partition (padding pieces included);
+                            rebuilt after every boundary backward, so it is looked up on every access.
+ZeRO-2, bf16/fp16 +         ``averaged_gradients[i].flat_partition``: a compact fp32 buffer, exact.
+grad_accum_dtype fp32
+ZeRO-3                      ``optimizer.grad_partitions_flat_buffer``: every parameter's partition,
+                            in the order of ``fp16_groups``, ``partition_numel()`` elements each
+                            (in the gradient-accumulation dtype: fp32 unless bf16/fp16 without
+                            grad_accum_dtype fp32).
+==========================  =======================================================================
+
+ZeRO-3 also needs its backward-hook counters re-armed before each further backward through a retained
+graph (``snapshot_backward_hooks`` / ``rearm_backward_hooks``); the engine's boundary override is reset
+through ``engine._is_gradient_accumulation_boundary``. Every attribute is fetched through ``_attr``,
+which names it in a ``DeepSpeedInternalsError`` when it moved.
+
+Refused, with the reason: ZeRO stage 0 (no partition: plain data-parallel gradients), CPU/NVMe
+optimizer offload (the slice is copied to the host during the backward), and bf16 + ZeRO-1 + fp32
+gradient accumulation (DeepSpeed silently switches to ``BF16_Optimizer``, whose gradients are full and
+replicated rather than a partition).
+
+Element layout. The local vector concatenates DeepSpeed's groups (ZeRO-1/2) in order; ``segments`` lists
+(start, numel, parameter index) of every parameter fragment in it, in ``engine.module.named_parameters()``
+order. Elements outside every segment are alignment padding: DeepSpeed keeps them zero and they take no
+part in Grams.
+
+fp16: the slice holds gradients × the current loss scale. ``loss_scale()`` returns it so that Grams
+can be unscaled (methods such as CATS depend on the Gram's scale); the combined gradient is written back
+in scaled units, as DeepSpeed expects. A non-finite slice is left to the caller (a non-finite Gram
+makes the method skip) and then to DeepSpeed's own overflow check, which skips the step.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+DEEPSPEED_VERSION = "0.19.8"
+
+
+class DeepSpeedInternalsError(RuntimeError):
+    """A DeepSpeed internal this module relies on is missing or changed (new DeepSpeed version?)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    """First element in the local flat vector."""
+    numel: int
+    """Number of elements (this rank's fragment of the parameter)."""
+    param: int
+    """Index of the parameter in ``engine.module.named_parameters()`` order."""
+    offset: int
+    """Position of the fragment's first element inside the flattened parameter."""
+
+
+def check_version() -> None:
+    import deepspeed
+
+    if deepspeed.__version__ != DEEPSPEED_VERSION:
+        raise DeepSpeedInternalsError(
+            f"megavac.ds_adapter is written against deepspeed {DEEPSPEED_VERSION}, found {deepspeed.__version__}: "
+            "its ZeRO internals (averaged_gradients, grad_partitions_flat_buffer, _hp_mapping) must be re-checked "
+            "(tests/test_ds_adapter.py) before the pin is moved")
+
+
+def _attr(obj, name: str, where: str):
+    """getattr that names the internal when DeepSpeed moved it."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise DeepSpeedInternalsError(
+            f"deepspeed {DEEPSPEED_VERSION} internal {type(obj).__name__}.{name} ({where}) is missing") from None
+
+
+class GradPartition:
+    """This rank's slice of the reduced gradient of a DeepSpeed ZeRO engine (see module docstring)."""
+
+    stage: int
+    numel: int
+    """Local elements (padding included)."""
+    segments: list[Segment]
+    param_names: list[str]
+    storage_dtype: torch.dtype
+    """dtype DeepSpeed keeps the slice in; reads are exact copies when it is float32."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.optimizer = engine.optimizer
+        self.param_names = [n for n, _ in engine.module.named_parameters()]
+        self._index = {id(p): k for k, (_, p) in enumerate(engine.module.named_parameters())}
+
+    # ------------------------------------------------------------------ access (subclasses)
+    def _pieces(self) -> list[tuple[int, torch.Tensor]]:
+        """(offset in the local vector, DeepSpeed tensor) covering all local elements."""
+        raise NotImplementedError
+
+    def read(self, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        """Copy (or add, ``accumulate``) the slice into ``out`` (fp32 [numel]); returns ``out``."""
+        if out is None:
+            out = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        assert out.shape == (self.numel,) and out.dtype == torch.float32, (out.shape, out.dtype)
+        for off, t in self._pieces():
+            dst = out[off:off + t.numel()].view(t.shape)
+            if accumulate:
+                dst.add_(t)
+            else:
+                dst.copy_(t)
+        return out
+
+    def zero_(self) -> None:
+        for _, t in self._pieces():
+            t.zero_()
+
+    def write(self, flat: torch.Tensor) -> None:
+        """Overwrite the slice with ``flat`` ([numel], any float dtype; cast to DeepSpeed's)."""
+        assert flat.shape == (self.numel,), (flat.shape, self.numel)
+        for off, t in self._pieces():
+            t.copy_(flat[off:off + t.numel()].view(t.shape))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.device)
+
+    # ------------------------------------------------------------------ engine state
+    def loss_scale(self) -> float:
+        """Current fp16 loss scale (1 for fp32/bf16): the slice holds gradients × this."""
+        if not self.engine.fp16_enabled():
+            return 1.0
+        return float(_attr(self.optimizer, "loss_scale", "fp16 loss scale"))
+
+    def force_boundary(self) -> None:
+        """Make the next backward(s) a gradient-accumulation boundary: every backward then reduces
+        (ZeRO-1 otherwise reduces only at the boundary) and fills the partition we read."""
+        self.engine.set_gradient_accumulation_boundary(True)
+
+    def release_boundary(self) -> None:
+        """Give the boundary back to DeepSpeed's micro-step counter (the plain training path)."""
+        # The public setter takes a bool, which would pin the boundary for good; None is the engine's
+        # initial "not overridden" state, in which (micro_steps + 1) % ga decides again.
+        _attr(self.engine, "_is_gradient_accumulation_boundary", "engine boundary override")
+        self.engine._is_gradient_accumulation_boundary = None
+        if hasattr(self.optimizer, "set_gradient_accumulation_boundary"):  # its mirror of the engine's flag
+            self.optimizer.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
+
+    def dp_group(self):
+        """The data-parallel process group the gradient is partitioned (and reduced) over."""
+        return _attr(self.optimizer, "dp_process_group", "data-parallel group of the partition")
+
+    def snapshot_backward_hooks(self):
+        """State to re-arm before a further backward through the same forward graph (None: nothing)."""
+        return None
+
+    def rearm_backward_hooks(self, snapshot) -> None:
+        """Make the next backward through a retained graph behave as the first one did."""
+
+    def segment_param_index(self) -> torch.Tensor:
+        """long [numel]: parameter index of every local element, −1 for padding (for tests/analysis)."""
+        idx = torch.full((self.numel,), -1, dtype=torch.long)
+        for s in self.segments:
+            idx[s.start:s.start + s.numel] = s.param
+        return idx
+
+    def _check_segments(self):
+        prev = 0
+        for s in self.segments:
+            assert s.start >= prev and s.numel > 0 and s.start + s.numel <= self.numel, (s, prev, self.numel)
+            prev = s.start + s.numel
+
+
+class _Zero12Partition(GradPartition):
+    """ZeRO-1/2 (stage_1_and_2.py)."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        opt = self.optimizer
+        where = "stage_1_and_2.DeepSpeedZeroOptimizer"
+        self.stage = int(engine.zero_optimization_stage())
+        self.bit16_groups = _attr(opt, "bit16_groups", where)
+        self.partition_size = [int(s) for s in _attr(opt, "partition_size", where)]
+        _attr(opt, "averaged_gradients", where)
+        _attr(opt, "_use_compact_grad_partition_buffer", where)
+        self.group_offset = [0, *itertools.accumulate(self.partition_size)][:-1]
+        self.numel = sum(self.partition_size)
+        dtype = _attr(opt, "gradient_accumulation_dtype", where)
+        compact = [bool(opt._use_compact_grad_partition_buffer(i)) for i in range(len(self.bit16_groups))]
+        self.storage_dtype = torch.float32 if all(compact) else dtype
+        segments = []
+        for i, group in enumerate(self.bit16_groups):
+            for p in group:
+                mapping = _attr(p, "_hp_mapping", "parameter's link to its fp32 partition fragment")
+                if mapping is None:
+                    continue  # no element of p in this rank's partition of group i
+                addr = mapping.get_hp_fragment_address()
+                if addr.numel == 0:
+                    continue
+                if id(p) not in self._index:
+                    raise DeepSpeedInternalsError("a ZeRO parameter is not among engine.module.named_parameters()")
+                lp = _attr(mapping, "lp_fragment_address", "fragment inside the parameter")
+                assert int(lp.numel) == int(addr.numel), (lp.numel, addr.numel)
+                segments.append(Segment(self.group_offset[i] + int(addr.start), int(addr.numel), self._index[id(p)],
+                                        int(lp.start)))
+        self.segments = sorted(segments, key=lambda s: s.start)
+        self._check_segments()
+        self._checked_layout = False
+
+    def _pieces(self):
+        ag = self.optimizer.averaged_gradients
+        pieces, layout = [], []
+        for i, size in enumerate(self.partition_size):
+            grp = ag.get(i) if isinstance(ag, dict) else ag[i]
+            if grp is None:
+                raise DeepSpeedInternalsError(
+                    f"averaged_gradients[{i}] is None: the partition is read outside a boundary backward, or "
+                    "DeepSpeed no longer fills it in independent_gradient_partition_epilogue()")
+            base = self.group_offset[i]
+            flat = getattr(grp, "flat_partition", None)
+            if flat is not None:  # compact fp32 buffer; the list items are views of it
+                if flat.numel() != size:
+                    raise DeepSpeedInternalsError(f"averaged_gradients[{i}].flat_partition has {flat.numel()} "
+                                                  f"elements, partition_size[{i}] is {size}")
+                pieces.append((base, flat.view(-1)))
+                if not self._checked_layout:
+                    layout += [(base + t.storage_offset() - flat.storage_offset(), t) for t in grp]
+                continue
+            off = base
+            for t in grp:
+                pieces.append((off, t))
+                off += t.numel()
+            if off - base != size:
+                raise DeepSpeedInternalsError(
+                    f"averaged_gradients[{i}] holds {off - base} elements, partition_size[{i}] is {size}: the "
+                    "layout of the gradient partition changed")
+            layout += pieces[len(pieces) - len(grp):]
+        if not self._checked_layout:
+            self._check_layout(layout)
+        return pieces
+
+    def _check_layout(self, layout):
+        # The gradient pieces that are not alignment padding must be exactly the parameter fragments
+        # _hp_mapping describes: otherwise Grams would be attributed to the wrong parameters.
+        found = sorted((off, t.numel()) for off, t in layout if not getattr(t, "_zero_padding", False))
+        expected = sorted((s.start, s.numel) for s in self.segments)
+        if found != expected:
+            raise DeepSpeedInternalsError(
+                "averaged_gradients pieces do not match the parameter fragments of _hp_mapping "
+                f"(first pieces {found[:3]}, expected {expected[:3]})")
+        self._checked_layout = True
+
+
+class _Zero3Partition(GradPartition):
+    """ZeRO-3 (stage3.py): ``grad_partitions_flat_buffer`` holds every parameter's gradient partition."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        opt = self.optimizer
+        where = "stage3.DeepSpeedZeroOptimizer_Stage3"
+        self.stage = 3
+        self.buffer = _attr(opt, "grad_partitions_flat_buffer", where)
+        groups = _attr(opt, "fp16_groups", where)
+        _attr(opt, "averaged_gradients", where)
+        self.numel = self.buffer.numel()
+        self.storage_dtype = self.buffer.dtype
+        segments, off = [], 0
+        self._offsets = []
+        for p in itertools.chain.from_iterable(groups):
+            pn = int(_attr(p, "partition_numel", "ZeRO-3 parameter")())
+            rank = int(_attr(opt, "_get_param_partition_rank", where)(p))
+            real = max(0, min(pn, int(p.ds_numel) - rank * pn))  # the last rank's partition ends in padding
+            if id(p) not in self._index:
+                raise DeepSpeedInternalsError("a ZeRO-3 parameter is not among engine.module.named_parameters()")
+            self._offsets.append((p, off))
+            if real > 0:
+                segments.append(Segment(off, real, self._index[id(p)], rank * pn))
+            off += pn
+        if off != self.numel:
+            raise DeepSpeedInternalsError(f"grad_partitions_flat_buffer has {self.numel} elements, the parameters' "
+                                          f"partitions {off}: its layout changed")
+        self.segments = segments
+        self._check_segments()
+        self._checked_layout = False
+
+    # ZeRO-3 gathers a module's parameters before its backward only while the module's
+    # ``applied_pre_backward_ref_cnt`` (one per forward) is positive, and releases them when
+    # ``ds_grads_remaining`` drops to 0. A second backward through a retained graph would find the
+    # counters spent and run on released (empty) parameters, so they are put back to their
+    # after-forward values before every further backward.
+    _HOOK_COUNTERS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+    def snapshot_backward_hooks(self):
+        snap = []
+        for m in self.engine.module.modules():
+            vals = tuple(m.__dict__.get(a) for a in self._HOOK_COUNTERS)
+            if any(v is not None for v in vals):
+                snap.append((m, vals))
+        if not snap:
+            raise DeepSpeedInternalsError(
+                "no ZeRO-3 module carries applied_pre_backward_ref_cnt / ds_grads_remaining after the forward: "
+                "parameter_offload.py's backward hooks changed")
+        return snap
+
+    def rearm_backward_hooks(self, snapshot) -> None:
+        for m, vals in snapshot:
+            for a, v in zip(self._HOOK_COUNTERS, vals):
+                if v is not None:
+                    setattr(m, a, v)
+
+    def _pieces(self):
+        buf = self.optimizer.grad_partitions_flat_buffer
+        if not self._checked_layout:
+            self._check_layout(buf)
+        return [(0, buf)]
+
+    def _check_layout(self, buf):
+        # averaged_gradients[i][j] (what step() flattens) must be views of the buffer at our offsets.
+        ag = self.optimizer.averaged_gradients
+        if ag:
+            views = list(itertools.chain.from_iterable(ag[i] for i in sorted(ag) if ag[i] is not None))
+            base = buf.data_ptr()
+            for (p, off), v in zip(self._offsets, views):
+                if v.data_ptr() != base + off * buf.element_size():
+                    raise DeepSpeedInternalsError(
+                        "averaged_gradients do not alias grad_partitions_flat_buffer at the expected offsets")
+            self._checked_layout = True
+
+
+def grad_partition(engine) -> GradPartition:
+    """The adapter for ``engine`` (a DeepSpeedEngine); ValueError for configurations it cannot serve."""
+    check_version()
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    stage = int(engine.zero_optimization_stage())
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        raise ValueError(
+            "per-language gradients need a ZeRO gradient partition, but this config (bf16 + ZeRO-1 + "
+            "data_types.grad_accum_dtype=fp32) makes DeepSpeed use BF16_Optimizer with full replicated "
+            "gradients: use ZeRO-2 with grad_accum_dtype fp32 (exact), or ZeRO-1 without grad_accum_dtype")
+    if stage == 0:
+        raise ValueError("per-language gradient methods need ZeRO stage 1, 2 or 3 (zero_optimization.stage=0 given)")
+    if engine.zero_cpu_offload() or getattr(engine, "zero_nvme_offload_optimizer", lambda: False)():
+        raise ValueError("per-language gradient methods do not support zero_optimization.offload_optimizer: "
+                         "the partition is copied to the host during the backward")
+    if stage in (1, 2):
+        return _Zero12Partition(engine)
+    if stage == 3:
+        return _Zero3Partition(engine)
+    raise ValueError(f"unsupported zero_optimization.stage={stage}")

@@ -1,0 +1,377 @@
+"""Per-language gradients on ZeRO shards and the per-language-weighted update (DESIGN.md §2–3).
+
+One optimizer step of a Gram method, on every rank:
+
+1. a *collector* leaves this rank's slice of every language's reduced gradient in a [K, N] buffer
+   (``KBackwardCollector``: one forward per micro-batch, one backward per language);
+2. local Grams per parameter tensor [P, K, K] (float64), summed into the granularity's groups [G, K, K];
+3. ONE all-reduce of the [G, K, K] Grams (plus the K loss shares) over the data-parallel group: the
+   slices of all ranks partition every gradient, so the sum of the slice Grams is the full Gram;
+4. ``method.weights(gram, ctx)`` -> w [G, K], identical on every rank (same Gram, same generator);
+5. Σ_k w[g(e), k] g_k[e] written into the partition, element e of the slice only (no rank ever
+   materialises a full gradient), then ``engine.step()``: DeepSpeed's norm, clipping, fp16 overflow
+   check and optimizer see the combined gradient exactly as they would a plain one.
+
+Language k's gradient g_k is the gradient of its SHARE of the batch loss (``per_language_losses``),
+so Σ_k g_k is the plain gradient and all-ones weights reproduce plain training. Steps on which the
+method needs no Gram (monolithic always, CATS between meta steps) take the plain path: one backward of
+Σ_k loss_weights[k] · loss_k per micro-batch.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megavac.ds_adapter import GradPartition, grad_partition
+from megavac.loss import per_language_losses
+from megavac.methods import GramMethod, StepContext
+
+GRANULARITIES = ("whole_model", "enc_dec", "all_layer", "all_matrix")
+# Columns per float64 conversion in the Gram products: bounds the transient copy to K × 2^18 × 8 bytes.
+GRAM_CHUNK = 1 << 18
+
+_LAYER = re.compile(r"^(encoder|decoder)\.(\d+)\.")
+
+
+# ---------------------------------------------------------------------------------------- groups
+def group_label(name: str, granularity: str) -> str:
+    """The parameter group of parameter ``name`` (as in ``Transformer.named_parameters()``).
+
+    * whole_model: "model".
+    * enc_dec: "embed" / "encoder" / "decoder". The tied embedding (source and target embedding AND the
+      output projection) serves both sides, so it is a group of its own rather than part of either:
+      put into the decoder, the output projection's gradient (the largest matrix, written by every
+      target token) would dominate the decoder's Gram; put into the encoder, it would make the encoder
+      group mostly decoder signal. The final norms go with their stacks.
+    * all_layer: "embed", "encoder.<i>", "encoder.norm", "decoder.<i>", "decoder.norm".
+    * all_matrix: the parameter's own name (one group per tensor, biases and LayerNorm weights too).
+    Names outside the Transformer's layout fall back to their first component.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "whole_model":
+        return "model"
+    if granularity == "all_matrix":
+        return name
+    side = {"encoder": "encoder", "enc_norm": "encoder", "decoder": "decoder", "dec_norm": "decoder"}
+    head = name.split(".", 1)[0]
+    if granularity == "enc_dec":
+        return side.get(head, head)
+    m = _LAYER.match(name)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    if head in ("enc_norm", "dec_norm"):
+        return f"{side[head]}.norm"
+    return head
+
+
+def build_groups(names: list[str], granularity: str) -> tuple[list[str], torch.Tensor]:
+    """(group labels in order of first appearance, long [P]: group index of every parameter)."""
+    labels, index = [], {}
+    of_param = []
+    for n in names:
+        g = group_label(n, granularity)
+        if g not in index:
+            index[g] = len(labels)
+            labels.append(g)
+        of_param.append(index[g])
+    return labels, torch.tensor(of_param, dtype=torch.long)
+
+
+# -------------------------------------------------------------------------------------- collector
+@dataclass
+class LanguageGrads:
+    """What a collector hands over for one optimizer step (all of this rank's)."""
+
+    slices: torch.Tensor
+    """fp32 [K, N]: this rank's slice of each language's reduced gradient (÷ ga as DeepSpeed scales)."""
+    present: torch.Tensor
+    """bool [K]: language present in the step's global batch (any rank, any micro-batch)."""
+    losses: torch.Tensor
+    """float64 [K]: this rank's loss shares, Σ over micro-batches ÷ ga (detached)."""
+    sums: torch.Tensor
+    """float64 [2 + 2K]: the trainer's logging sums [loss × tokens, tokens, nll_k, tokens_k] (local)."""
+
+
+class GradCollector:
+    """Interface: "this rank's slice of each language's reduced gradient, and the local slice Grams".
+
+    ``collect`` runs the forward and backward passes of one optimizer step (``ga`` micro-batches) and
+    leaves the partition zeroed; ``param_grams`` gives the local Gram of every parameter tensor.
+    A one-backward collector (per-language weight-gradient GEMMs, DESIGN.md §3.2) fits the same shape.
+    """
+
+    partition: GradPartition
+    num_langs: int
+
+    def collect(self, batches: list) -> LanguageGrads:
+        raise NotImplementedError
+
+    def param_grams(self, slices: torch.Tensor) -> torch.Tensor:
+        """float64 [P, K, K]: Σ over this rank's elements of parameter p of g_i[e] g_j[e]."""
+        P, K = len(self.partition.param_names), slices.shape[0]
+        out = torch.zeros(P, K, K, dtype=torch.float64, device=slices.device)
+        for s in self.partition.segments:
+            for a in range(s.start, s.start + s.numel, GRAM_CHUNK):
+                x = slices[:, a:min(a + GRAM_CHUNK, s.start + s.numel)].double()
+                out[s.param].addmm_(x, x.T)
+        return out
+
+
+class KBackwardCollector(GradCollector):
+    """One forward per micro-batch, then one backward per language present in it (DESIGN.md §3.1).
+
+    For each language k: force an accumulation boundary (every backward then reduces into the
+    partition), ``engine.backward(loss_k)``, add the slice to row k, zero the slice. The losses are
+    divided by ``ga`` exactly as the plain path does (``scale_wrt_gas``), so row k ends as DeepSpeed's
+    own accumulated gradient of language k.
+
+    Every rank must issue the same backward passes in the same order (each is a collective under
+    ZeRO), so the loop runs over the languages present on ANY rank (one small all-reduce per
+    micro-batch); a rank that lacks language k back-propagates its zero share, which costs a backward
+    but keeps the ranks' reductions paired. ``engine.step()`` is called after each non-final
+    micro-batch with the boundary off (it only advances DeepSpeed's micro-step counter), so that the
+    plain path's managed boundaries stay in phase.
+    """
+
+    def __init__(self, engine, num_langs: int, pad_id: int, label_smoothing: float,
+                 partition: GradPartition | None = None):
+        self.engine = engine
+        self.partition = partition or grad_partition(engine)
+        self.num_langs = num_langs
+        self.pad_id, self.label_smoothing = pad_id, label_smoothing
+        self.ga = int(engine.gradient_accumulation_steps())
+        self._slices: torch.Tensor | None = None
+
+    def losses(self, batch):
+        logits = self.engine(batch.src, batch.tgt_in)
+        return per_language_losses(logits, batch.tgt_out, batch.lang, self.num_langs, self.pad_id,
+                                   self.label_smoothing)
+
+    def collect(self, batches: list) -> LanguageGrads:
+        if len(batches) != self.ga:
+            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        K, part, engine = self.num_langs, self.partition, self.engine
+        dev = part.device
+        if self._slices is None:
+            self._slices = torch.zeros(K, part.numel, dtype=torch.float32, device=dev)
+        slices = self._slices.zero_()
+        present = torch.zeros(K, dtype=torch.bool)
+        losses = torch.zeros(K, dtype=torch.float64)
+        sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        group = part.dp_group()
+        for m, batch in enumerate(batches):
+            here = torch.zeros(K, dtype=torch.float32, device=dev)
+            here[list(batch.segments)] = 1.0
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(here, group=group)
+            langs = torch.nonzero(here > 0).flatten().tolist()
+            present[langs] = True
+            loss_k, nll_k, ntok_k = self.losses(batch)
+            snapshot = None
+            for i, k in enumerate(langs):
+                part.force_boundary()
+                if i == 0:
+                    snapshot = part.snapshot_backward_hooks()
+                else:
+                    part.rearm_backward_hooks(snapshot)
+                engine.backward(loss_k[k], retain_graph=i < len(langs) - 1)
+                part.read(slices[k], accumulate=True)
+                part.zero_()
+            if m < len(batches) - 1:
+                engine.set_gradient_accumulation_boundary(False)
+                engine.step()  # not a boundary: no update, only the micro-step counter moves
+            with torch.no_grad():
+                losses += loss_k.detach().double().cpu() / self.ga
+                sums[0] += float(loss_k.detach().sum()) * batch.ntokens
+                sums[1] += batch.ntokens
+                sums[2:2 + K] += nll_k.double().cpu()
+                sums[2 + K:] += ntok_k.double().cpu()
+        return LanguageGrads(slices, present, losses, sums)
+
+
+# ------------------------------------------------------------------------------------ the step
+@dataclass
+class StepStats:
+    sums: torch.Tensor
+    """float64 [2 + 2K]: as ``Trainer.train_step`` returns (local sums)."""
+    gram_step: bool
+    """True when the Gram path ran (False: plain path with ``loss_weights``)."""
+    present: torch.Tensor | None = None
+    """bool [K] (Gram steps)."""
+    grad_norm: torch.Tensor | None = None
+    """float64 [K]: ‖g_k‖ over the whole model (Gram steps; unscaled)."""
+    weights: torch.Tensor | None = None
+    """float64 [G, K]: the method's weights (Gram steps)."""
+    losses: torch.Tensor | None = None
+    """float64 [K]: loss shares averaged over ranks (Gram steps)."""
+    skipped: bool = False
+    """The method skipped (non-finite Gram, e.g. fp16 overflow); DeepSpeed then skips the step."""
+    extra: dict = field(default_factory=dict)
+
+    def lang_log(self, names: list[str]) -> dict:
+        """Per-language record for metrics.jsonl (Gram steps): gradient norm, weight averaged over the
+        groups, presence, and whether the method skipped. Cosines per group are in the Gram logs."""
+        if not self.gram_step:
+            return {}
+        w = self.weights.mean(0)
+        return {"grad_norm": dict(zip(names, self.grad_norm.tolist())),
+                "weight": dict(zip(names, w.tolist())),
+                "present": dict(zip(names, self.present.tolist())), "skipped": self.skipped}
+
+
+class PerLanguageStep:
+    """What the trainer calls for one optimizer step when a Gram method is configured.
+
+    ``run(batches, step)`` takes the step's ``ga`` micro-batches and dispatches: Gram path when
+    ``method.needs_gram(step)``, else the plain path with ``method.loss_weights()``.
+    ``state_dict()`` (the method's state and the generator) is identical on every rank.
+    """
+
+    def __init__(self, engine, method: GramMethod, num_langs: int, *, pad_id: int, label_smoothing: float,
+                 granularity: str = "all_layer", seed: int = 0, collector: GradCollector | None = None,
+                 gram_log_dir: str | Path | None = None, gram_log_interval: int = 0,
+                 lang_names: list[str] | None = None):
+        if method.num_langs != num_langs:
+            raise ValueError(f"method is built for {method.num_langs} languages, the data has {num_langs}")
+        if gram_log_interval < 0:
+            raise ValueError(f"gram_log_interval must be >= 0, got {gram_log_interval}")
+        self.engine, self.method, self.K = engine, method, num_langs
+        self.pad_id, self.label_smoothing = pad_id, label_smoothing
+        self.ga = int(engine.gradient_accumulation_steps())
+        self.collector = collector or KBackwardCollector(engine, num_langs, pad_id, label_smoothing)
+        self.partition = self.collector.partition
+        self.granularity = granularity
+        self.group_names, self.group_of_param = build_groups(self.partition.param_names, granularity)
+        self._runs = self._combine_runs()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.gram_log_dir = Path(gram_log_dir) if gram_log_dir else None
+        self.gram_log_interval = gram_log_interval
+        self.lang_names = lang_names or [str(k) for k in range(num_langs)]
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    def _combine_runs(self) -> list[tuple[int, int, int]]:
+        """(start, end, group) of maximal runs of consecutive local elements in one group (segments
+        separated only by padding merge too: padding is zero in every slice)."""
+        runs = []
+        for s in self.partition.segments:
+            g = int(self.group_of_param[s.param])
+            if runs and runs[-1][2] == g:
+                runs[-1] = (runs[-1][0], s.start + s.numel, g)
+            else:
+                runs.append((s.start, s.start + s.numel, g))
+        return runs
+
+    # ------------------------------------------------------------------------- the two paths
+    def run(self, batches: list, step: int) -> StepStats:
+        if self.method.needs_gram(step):
+            return self.gram_step(batches, step)
+        return self.plain_step(batches, step)
+
+    def plain_step(self, batches: list, step: int) -> StepStats:
+        """The trainer's plain path, with the method's loss weights (all ones: exactly plain training)."""
+        K = self.K
+        lw = self.method.loss_weights()
+        ones = bool((lw == 1).all())
+        sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        for batch in batches:
+            loss_k, nll_k, ntok_k = self._losses(batch)
+            loss = loss_k.sum() if ones else (loss_k * lw.to(loss_k)).sum()
+            self.engine.backward(loss)
+            self.engine.step()
+            sums[0] += float(loss_k.detach().sum()) * batch.ntokens
+            sums[1] += batch.ntokens
+            sums[2:2 + K] += nll_k.double().cpu()
+            sums[2 + K:] += ntok_k.double().cpu()
+        return StepStats(sums, gram_step=False)
+
+    def _losses(self, batch):
+        logits = self.engine(batch.src, batch.tgt_in)
+        return per_language_losses(logits, batch.tgt_out, batch.lang, self.K, self.pad_id, self.label_smoothing)
+
+    def group_grams(self, slices: torch.Tensor) -> torch.Tensor:
+        """float64 [G, K, K] local: parameter Grams summed into groups."""
+        pg = self.collector.param_grams(slices)
+        G, K = self.num_groups, self.K
+        return torch.zeros(G, K, K, dtype=torch.float64, device=pg.device).index_add_(
+            0, self.group_of_param.to(pg.device), pg)
+
+    def combine(self, slices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """fp32 [N]: Σ_k w[g(e), k] slices[k, e] for every local element e (padding stays 0)."""
+        out = torch.zeros(slices.shape[1], dtype=torch.float32, device=slices.device)
+        w = weights.to(device=slices.device, dtype=torch.float32)
+        for a, b, g in self._runs:
+            torch.mv(slices[:, a:b].T, w[g], out=out[a:b])
+        return out
+
+    def gram_step(self, batches: list, step: int) -> StepStats:
+        part, K, G = self.partition, self.K, self.num_groups
+        t = [time.perf_counter()]
+        try:  # whatever happens, the accumulation boundary goes back to DeepSpeed's counter
+            got = self.collector.collect(batches)
+            t.append(time.perf_counter())
+            gram = self.group_grams(got.slices)
+            # One all-reduce: the Grams and the K loss shares (for GradNorm and logging).
+            packed = torch.cat([gram.flatten(), got.losses.to(gram.device)])
+            group = part.dp_group()
+            world = dist.get_world_size(group) if dist.is_initialized() else 1
+            if world > 1:
+                dist.all_reduce(packed, group=group)
+            gram = packed[:G * K * K].view(G, K, K).cpu()
+            losses = packed[G * K * K:].cpu() / world
+            scale = part.loss_scale()
+            if scale != 1.0:
+                gram = gram / (scale * scale)  # fp16: slices hold gradients × scale
+            t.append(time.perf_counter())
+            ctx = StepContext(step=step, present=got.present.clone(), losses=losses, generator=self.generator)
+            skipped_before = self.method.skipped
+            weights = self.method.weights(gram, ctx)
+            skipped = self.method.skipped != skipped_before
+            assert weights.shape == (G, K), weights.shape
+            t.append(time.perf_counter())
+            part.write(self.combine(got.slices, weights))
+            t.append(time.perf_counter())
+            part.force_boundary()
+            self.engine.step()
+            t.append(time.perf_counter())
+        finally:
+            part.release_boundary()
+        # Named by the number of updates done once this one is (as metrics.jsonl and checkpoints are).
+        if self.gram_log_dir is not None and self.gram_log_interval and (step + 1) % self.gram_log_interval == 0:
+            self._log_gram(step + 1, gram, weights, got.present, losses)
+        diag = torch.diagonal(gram, dim1=1, dim2=2).sum(0)
+        phases = dict(zip(("collect", "gram", "weights", "combine", "step"), np.diff(t).tolist()))
+        return StepStats(got.sums, gram_step=True, present=got.present, grad_norm=diag.clamp(min=0).sqrt(),
+                         weights=weights, losses=losses, skipped=skipped, extra={"seconds": phases})
+
+    def _log_gram(self, step, gram, weights, present, losses):
+        if self.rank != 0:
+            return
+        self.gram_log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.gram_log_dir / f"gram_{step:08d}.npz"
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, step=step, gram=gram.numpy(), weights=weights.cpu().numpy(), present=present.numpy(),
+                 losses=losses.numpy(), groups=np.array(self.group_names), langs=np.array(self.lang_names),
+                 granularity=self.granularity, method=self.method.name)
+        tmp.replace(path)
+
+    # --------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"method": self.method.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        for key in ("method", "generator"):
+            if key not in d:
+                raise ValueError(f"per-language step state lacks {key!r}: keys {sorted(d)}")
+        self.method.load_state_dict(d["method"])
+        self.generator.set_state(d["generator"])

@@ -1,0 +1,139 @@
+"""megavac.ds_adapter: fails loudly when the DeepSpeed internals it relies on move.
+
+Two layers: static checks that every private attribute/method/source pattern the adapter uses still
+exists in the installed DeepSpeed (cheap, no engine), and launched runs (1 and 2 CPU ranks) in which the
+slice the adapter reads, zeroes and writes is compared with DeepSpeed's public accessors
+(``safe_get_full_grad`` / ``safe_get_local_grad``), a plain-PyTorch reference gradient, and the
+parameter change of an SGD step.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO, free_port, run
+
+HELPER = REPO / "tests" / "helpers" / "pergrad_adapter_check.py"
+
+
+def test_deepspeed_version_is_the_pinned_one():
+    import deepspeed
+
+    from megavac import ds_adapter
+
+    assert deepspeed.__version__ == ds_adapter.DEEPSPEED_VERSION, (
+        "DeepSpeed changed: re-run this file's launched checks, then move DEEPSPEED_VERSION")
+    ds_adapter.check_version()
+
+
+def test_other_version_is_refused_by_name(monkeypatch):
+    import deepspeed
+
+    from megavac import ds_adapter
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(ds_adapter.DeepSpeedInternalsError, match=r"0\.19\.8.*0\.20\.0"):
+        ds_adapter.check_version()
+
+
+def test_private_internals_the_adapter_uses_still_exist():
+    from deepspeed.runtime import engine as ds_engine
+    from deepspeed.runtime.zero import parameter_offload, stage3, stage_1_and_2
+    # (importlib: ``deepspeed.utils.tensor_fragment`` as an attribute is the dataclass, not the module)
+    tensor_fragment = importlib.import_module("deepspeed.utils.tensor_fragment")
+
+    z12 = stage_1_and_2.DeepSpeedZeroOptimizer
+    for name in ("_use_compact_grad_partition_buffer", "independent_gradient_partition_epilogue",
+                 "get_flat_partition", "loss_scale"):
+        assert hasattr(z12, name), f"stage_1_and_2.DeepSpeedZeroOptimizer.{name} moved"
+    init12 = inspect.getsource(z12.__init__)
+    for attr in ("self.averaged_gradients", "self.partition_size", "self.bit16_groups", "self.dp_process_group",
+                 "self.gradient_accumulation_dtype"):
+        assert attr in init12, f"DeepSpeedZeroOptimizer.__init__ no longer sets {attr}"
+    assert "flat_partition" in inspect.signature(stage_1_and_2.GradPartitionBufferGroup.__init__).parameters
+    assert "_zero_padding" in inspect.getsource(z12.get_flat_partition)
+
+    z3 = stage3.DeepSpeedZeroOptimizer_Stage3
+    for name in ("_get_param_partition_rank", "independent_gradient_partition_epilogue", "loss_scale"):
+        assert hasattr(z3, name), f"stage3.DeepSpeedZeroOptimizer_Stage3.{name} moved"
+    src3 = inspect.getsource(stage3)
+    assert "self.grad_partitions_flat_buffer" in src3 and "self.averaged_gradients" in src3
+    assert "partition_numel()" in src3
+    offload = inspect.getsource(parameter_offload)
+    assert "applied_pre_backward_ref_cnt" in offload and "ds_grads_remaining" in offload, (
+        "ZeRO-3's backward hook counters moved: retained-graph backwards need re-checking")
+
+    eng = ds_engine.DeepSpeedEngine
+    assert "_is_gradient_accumulation_boundary" in inspect.getsource(eng.is_gradient_accumulation_boundary)
+    for name in ("set_gradient_accumulation_boundary", "zero_optimization_stage", "zero_cpu_offload",
+                 "gradient_accumulation_steps", "fp16_enabled"):
+        assert hasattr(eng, name), f"DeepSpeedEngine.{name} moved"
+    assert {"start", "numel"} <= set(tensor_fragment.fragment_address.__dataclass_fields__)
+    assert {"lp_fragment_address", "hp_fragment_address"} <= set(tensor_fragment.tensor_fragment.__dataclass_fields__)
+
+
+def _fake_engine(stage: int, optimizer) -> SimpleNamespace:
+    module = torch.nn.Linear(2, 2)
+    return SimpleNamespace(module=module, optimizer=optimizer, device="cpu",
+                           zero_optimization_stage=lambda: stage)
+
+
+def test_missing_internal_is_named():
+    from megavac.ds_adapter import DeepSpeedInternalsError, _Zero3Partition, _Zero12Partition
+
+    opt = SimpleNamespace(bit16_groups=[], partition_size=[])  # no averaged_gradients
+    with pytest.raises(DeepSpeedInternalsError, match="averaged_gradients"):
+        _Zero12Partition(_fake_engine(2, opt))
+    with pytest.raises(DeepSpeedInternalsError, match="grad_partitions_flat_buffer"):
+        _Zero3Partition(_fake_engine(3, SimpleNamespace()))
+
+
+def _check(results):
+    by = {r["config"]: r for r in results}
+    for name, r in by.items():
+        if name in ("z1_bf16_acc32", "z0_fp32"):
+            continue
+        assert r["coverage_ok"], r
+        for k in (0, 1):
+            # Element for element what DeepSpeed itself reports: the map and the storage are right.
+            assert r[f"read{k}_vs_deepspeed_maxabs"] == 0.0, r
+            assert r[f"read{k}_norm"] > 0, r
+            assert r[f"zeroed{k}_maxabs"] == 0.0, r
+            if "fp32" in name:  # language k's gradient alone, after the other's was read and zeroed
+                assert r[f"read{k}_vs_reference_rel"] < 1e-6, r
+        assert r["write_read_maxabs"] == 0.0 and r["write_deepspeed_maxabs"] == 0.0, r
+        if "fp32" in name:
+            assert r["step_rel_err"] < 1e-6, r
+        else:  # bf16 parameters: the applied step is the written gradient up to bf16 rounding
+            assert r["step_rel_err"] < 2e-2, r
+    assert by["z2_bf16_acc32"]["storage"] == "torch.float32"  # the compact fp32 flat_partition
+    assert by["z1_bf16_acc32"]["optimizer"] == "BF16_Optimizer"
+    assert "BF16_Optimizer" in by["z1_bf16_acc32"]["refused"]
+    assert "stage=0" in by["z0_fp32"]["refused"]
+
+
+def test_adapter_single_rank(tmp_path):
+    out = tmp_path / "adapter.json"
+    run([sys.executable, HELPER, "--out", out, "--port", free_port()], timeout=300)
+    _check(json.loads(out.read_text()))
+
+
+def test_adapter_two_ranks(tmp_path):
+    out = tmp_path / "adapter.json"
+    run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
+         HELPER, "--out", out], timeout=400)
+    results = json.loads(out.read_text())
+    _check(results)
+    # Two ranks really split the gradient: each holds about half of the elements.
+    sys.path.insert(0, str(HELPER.parent))
+    from pergrad_common import make_model
+
+    total = make_model().num_parameters()
+    numel = {r["config"]: r["numel"] for r in results if "numel" in r}
+    assert all(total / 2 <= n < total / 2 + 64 for n in numel.values()), (numel, total)
