@@ -4,6 +4,7 @@
     deepspeed launch/train.py --ds_config ds_configs/zero2.json            # synthetic corpus, all defaults
     deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json --data-dir data/opus100
     mpirun -np 2 python launch/train.py --ds_config ds_configs/zero2.json
+    python launch/train.py --dry-run --world-size 64 --model big ...        # check the plan, no GPUs
     python launch/train.py --help                                           # every option
 """
 from __future__ import annotations
@@ -20,8 +21,16 @@ from megavac.config import DataConfig, MethodConfig, TrainConfig, build_parser, 
 def main(argv=None):
     # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 marks deprecated: noise for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    args = build_parser().parse_args(argv)
+    from megavac import plan
+
+    parser = build_parser()
+    plan.add_dry_run_args(parser)
+    args = parser.parse_args(argv)
     data, train, method = from_args(DataConfig, args), from_args(TrainConfig, args), from_args(MethodConfig, args)
+    if args.dry_run:  # no distributed init, no DeepSpeed engine
+        return plan.main(data, train, method, args.ds_config, args.world_size, args.pipeline_stages)
+    if args.world_size is not None or args.pipeline_stages != 1:
+        parser.error("--world-size and --pipeline-stages are dry-run options (the launcher sets the world size)")
     from megavac.trainer import Trainer
 
     try:

@@ -1,0 +1,494 @@
+"""Dry-run planner: validate a whole training plan without GPUs, distributed init or DeepSpeed engines.
+
+    python launch/train.py --dry-run --ds_config ds_configs/zero2_bf16.json --data-dir data/opus100 \\
+        --model big --max-tokens 4096 --grad-accum 4 --world-size 64 [--pipeline-stages 1]
+
+What is checked and estimated (every number is per GPU unless said otherwise):
+
+* paths: the prepared data dir and its ``meta.json`` (or that the synthetic default would be generated),
+  the ds_config (loaded and merged by :func:`megavac.config.load_ds_config` / :func:`merge_ds_config`,
+  the one place CLI flags override the JSON, then parsed by DeepSpeed's own ``DeepSpeedConfig``),
+  a writable ``--save-dir``, and the ``latest`` checkpoint when ``--resume``;
+* world size (``--world-size``, else ``WORLD_SIZE``, else ``SLURM_NTASKS``, else 1), pipeline stages and
+  the data-parallel degree DP = world / stages; tokens per update = max_tokens × DP × grad_accum; DeepSpeed's
+  nominal ``train_batch_size`` = micro (1) × grad_accum × DP;
+* model parameters (the preset built on the ``meta`` device: no memory, no initialisation cost);
+* memory for model states under the ZeRO stage and precision, next to DeepSpeed's own estimators, plus a
+  rough activation estimate for ``--max-tokens``;
+* per-language gradient methods: the K fp32 gradient slices megavac/pergrad.py keeps per rank, and the
+  configurations megavac/ds_adapter.py refuses.
+
+Model-state bytes per parameter, as DeepSpeed 0.19.8 allocates them (``P`` parameters, ``N`` = DP degree):
+
+=========================  ============  ===============================================================
+state                      bytes         partitioned over N from ZeRO stage
+=========================  ============  ===============================================================
+working parameters         2 (bf16/fp16) 3
+                           or 4 (fp32)
+working gradients          2, or 4 for   2
+                           fp32 or fp32
+                           accumulation
+fp32 master parameters     4             1 (mixed precision; fp32 with ZeRO-1/2 too: DeepSpeed clones
+                                         the partition; fp32 ZeRO-0/3 update the working copy in place)
+fp32 gradient partition    4             1 (mixed precision with 16-bit accumulation only: the gradient
+                                         cast for Adam; with data_types.grad_accum_dtype fp32 the
+                                         accumulated fp32 partition is used as it is)
+Adam moments (m, v)        8             1
+=========================  ============  ===============================================================
+
+ZeRO-3 also gathers the largest layer (16-bit parameters and gradients: 4 bytes per element, as
+DeepSpeed's estimator counts it). With 16-bit mixed precision and 16-bit accumulation this table equals
+DeepSpeed's ``estimate_zero2_model_states_mem_needs`` exactly (2P + 18P/N) and exceeds
+``estimate_zero3_model_states_mem_needs`` (4·largest + 18P/N) by exactly the 16-bit parameter partition
+2P/N, which DeepSpeed's ZeRO-3 formula leaves out. With fp32 gradient accumulation (``zero2_bf16.json``)
+ZeRO-2 is 2P/N below DeepSpeed's figure (no separate 16-bit gradient partition). DeepSpeed has no ZeRO-1
+estimator: its ZeRO-2 figure is shown, which partitions gradients and so is lower. Both columns are printed
+side by side; the differences are at most 2P/N, i.e. 1/10 of the partitioned part.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 2**30
+METHODS = ("monolithic", "pcgrad", "gradvac", "cats", "mgda", "gradnorm")
+GRANULARITIES = ("whole_model", "enc_dec", "all_layer", "all_matrix")
+CATS_DEFAULT_LANGS_PER_BATCH = 8
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def add_dry_run_args(parser: argparse.ArgumentParser) -> None:
+    """The dry-run flags of ``launch/train.py`` (only meaningful with ``--dry-run``)."""
+    g = parser.add_argument_group("dry run (no GPUs, no distributed init, no DeepSpeed engine)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate paths, parallelism, model size and memory per GPU, print a report and exit "
+                        "(0: plan OK, 2: problems)")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="ranks to plan for (default: $WORLD_SIZE, else $SLURM_NTASKS, else 1)")
+    g.add_argument("--pipeline-stages", type=int, default=1,
+                   help="pipeline-parallel stages to plan for (default 1; DeepSpeed's pipeline engine allows "
+                        "ZeRO-1 at most)")
+
+
+def default_world_size(env: dict | None = None) -> int:
+    env = os.environ if env is None else env
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if env.get(key):
+            try:
+                return int(env[key])
+            except ValueError:
+                raise ValueError(f"${key}={env[key]!r} is not an integer world size") from None
+    return 1
+
+
+# ------------------------------------------------------------------------------------- checks
+
+
+def check_parallelism(world: int, stages: int, zero_stage: int, num_layers: int) -> int:
+    """Validate world size × pipeline stages × ZeRO stage; returns the data-parallel degree."""
+    if world < 1:
+        raise ValueError(f"--world-size must be >= 1, got {world}")
+    if stages < 1:
+        raise ValueError(f"--pipeline-stages must be >= 1, got {stages}")
+    if world % stages:
+        raise ValueError(f"world size {world} is not divisible by --pipeline-stages {stages}")
+    if stages > num_layers:
+        raise ValueError(f"--pipeline-stages {stages} exceeds the model's {num_layers} layers")
+    if stages > 1 and zero_stage > 1:
+        raise ValueError(f"--pipeline-stages {stages} with ZeRO stage {zero_stage}: DeepSpeed's pipeline engine "
+                         "supports ZeRO stage 0 or 1 only")
+    return world // stages
+
+
+def grad_accum_dtype(ds: dict) -> str:
+    """The gradient-accumulation dtype DeepSpeed uses: data_types.grad_accum_dtype, else the model dtype."""
+    from megavac.config import precision_of
+
+    raw = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if raw is None:
+        return precision_of(ds)
+    names = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+             "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+             "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16"}
+    if str(raw) not in names:
+        raise ValueError(f"data_types.grad_accum_dtype {raw!r} is not one of fp32, fp16, bf16")
+    return names[str(raw)]
+
+
+def offload_optimizer_device(ds: dict) -> str:
+    off = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(off.get("device", "none")).lower() if isinstance(off, dict) else "none"
+
+
+def check_method(method, zero_stage: int, precision: str, accum: str, offload: str) -> None:
+    """The configurations megavac/ds_adapter.py refuses for per-language gradient methods."""
+    if method.method not in METHODS:
+        raise ValueError(f"--method {method.method!r} is not one of {list(METHODS)}")
+    if method.granularity not in GRANULARITIES:
+        raise ValueError(f"--granularity {method.granularity!r} is not one of {list(GRANULARITIES)}")
+    if method.method == "monolithic":
+        return
+    if zero_stage == 0:
+        raise ValueError(f"--method {method.method} needs ZeRO stage 1, 2 or 3 (ZeRO stage 0 given)")
+    if precision == "bf16" and zero_stage == 1 and accum == "fp32" and offload == "none":
+        raise ValueError(f"--method {method.method} with bf16 + ZeRO stage 1 + grad_accum_dtype fp32: DeepSpeed "
+                         "uses BF16_Optimizer (full replicated gradients, no partition); use ZeRO-2, or ZeRO-1 "
+                         "without data_types.grad_accum_dtype")
+    if offload not in ("none", ""):
+        raise ValueError(f"--method {method.method} with zero_optimization.offload_optimizer.device={offload!r}: "
+                         "optimizer offload is not supported by per-language gradient methods")
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+def model_state_bytes(params: int, largest_layer: int, zero_stage: int, precision: str, accum: str,
+                      dp: int) -> dict[str, float]:
+    """Bytes per GPU of each model state (see the module docstring's table)."""
+    mixed = precision in ("bf16", "fp16")
+    w = 2 if mixed else 4
+    g = 4 if accum == "fp32" else 2
+    opt_div = dp if zero_stage >= 1 else 1
+    rows = {
+        "parameters": w * params / (dp if zero_stage >= 3 else 1),
+        "gradients": g * params / (dp if zero_stage >= 2 else 1),
+        "fp32 master parameters": (4 * params / opt_div) if (mixed or zero_stage in (1, 2)) else 0.0,
+        "fp32 gradient partition": (4 * params / opt_div) if (mixed and accum != "fp32") else 0.0,
+        "Adam moments (m, v)": 8 * params / opt_div,
+    }
+    if zero_stage >= 3:
+        rows["gathered largest layer"] = 4.0 * largest_layer
+    return rows
+
+
+def deepspeed_estimate(params: int, largest_layer: int, zero_stage: int, dp: int) -> float | None:
+    """DeepSpeed's own per-GPU model-states estimate (no offload), or None for stages it has none for.
+
+    DeepSpeed's ``*_all_cold`` helpers only print a table; they call these two functions, which return
+    (cpu bytes, gpu bytes[, largest layer bytes]). Both assume 16-bit mixed precision.
+    """
+    if zero_stage in (1, 2):
+        # DeepSpeed's ZeRO-2 estimate; for ZeRO-1 it counts 2-byte gradients as partitioned (a lower bound).
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        _, gpu = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=dp, num_nodes=1, cpu_offload=False)
+        return float(gpu)
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, num_gpus_per_node=dp, num_nodes=1,
+                                                          cpu_offload=False, cpu_offload_params=False)
+        return float(gpu)
+    return None
+
+
+def activation_bytes(cfg, max_tokens: int, precision: str) -> float:
+    """Rough activations kept for the backward of one micro-batch of ``max_tokens`` padded tokens per side.
+
+    Counted per token: encoder layer (8d + 2·d_ff) elements + (2d + d_ff) dropout-mask bytes; decoder layer
+    (12d + 2·d_ff) elements + (3d + d_ff) mask bytes, plus the cross-attention keys/values 2d per source
+    token; embeddings 2d; the output: fp32 log-probabilities and their gradient, 8 bytes × vocab per target
+    token. Attention is fused (SDPA), so no T×T score matrices. A per-language step keeps this graph for its
+    K backward passes, so the same figure applies.
+    """
+    a = 2 if precision in ("bf16", "fp16") else 4
+    d, ff, T = cfg.d_model, cfg.d_ff, max_tokens
+    enc = cfg.enc_layers * ((8 * d + 2 * ff) * a + (2 * d + ff)) * T
+    dec = cfg.dec_layers * (((12 * d + 2 * ff) * a + (3 * d + ff)) * T + 2 * d * a * T)
+    emb = 2 * (2 * d * a) * T
+    out = 8 * cfg.vocab_size * T
+    return float(enc + dec + emb + out)
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    """(section, item, value) lines of the report."""
+    memory: list[tuple[str, float, float | None]] = field(default_factory=list)
+    """(item, megavac bytes, DeepSpeed bytes or None) per GPU."""
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+    """Machine-readable results (tests, tooling)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, section: str, item: str, value) -> None:
+        self.rows.append((section, item, str(value)))
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            raise ValueError("; ".join(self.problems))
+
+
+def _data_info(data, plan: Plan) -> dict | None:
+    """meta-like info: vocab_size, pad_id, task names, train sizes; None when unusable."""
+    from data_pipeline.indexed import load_meta
+
+    if data.data_dir:
+        path = Path(data.data_dir)
+        if not path.is_dir():
+            plan.problems.append(f"--data-dir {data.data_dir} does not exist")
+            return None
+        try:
+            meta = load_meta(path)
+        except ValueError as e:
+            plan.problems.append(f"--data-dir {data.data_dir}: {e}")
+            return None
+        plan.add("paths", "data dir", f"{path} (meta.json found)")
+    else:
+        prepared = Path(data.synthetic_dir) / "prepared"
+        if (prepared / "meta.json").is_file():
+            meta = load_meta(prepared)
+            plan.add("paths", "data dir", f"{prepared} (synthetic default, already prepared)")
+        else:
+            from data_pipeline.default_corpus import SEED, VOCAB_SIZE
+            from data_pipeline.synthetic import build_languages
+
+            codes = sorted(lang.code for lang in build_languages(SEED))
+            plan.add("paths", "data dir", f"{prepared}: the synthetic corpus would be generated and prepared "
+                                          f"({len(codes)} languages, vocab {VOCAB_SIZE} requested)")
+            plan.notes.append("synthetic corpus not prepared yet: vocab and task count are the generator's defaults")
+            return {"vocab_size": VOCAB_SIZE, "pad_id": 0, "names": [f"en-{c}" for c in codes], "sizes": None}
+    names = [t["name"] for t in meta["tasks"]]
+    sizes = {t["name"]: meta["pairs"][t["pair"]]["train"] for t in meta["tasks"]}
+    wanted = [t for t in data.tasks.split(",") if t]
+    unknown = [t for t in wanted if t not in names]
+    if unknown:
+        plan.problems.append(f"--tasks names unknown task(s) {unknown}; the data has {names}")
+    elif wanted:
+        names = wanted
+    return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": names,
+            "sizes": [sizes[n] for n in names]}
+
+
+def _check_save_dir(train, plan: Plan) -> None:
+    save = Path(train.save_dir)
+    existing = save
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        plan.problems.append(f"--save-dir {train.save_dir} is not writable ({existing} is not a writable directory)")
+    else:
+        plan.add("paths", "save dir", f"{save} ({'exists' if save.exists() else 'will be created'}, writable)")
+    if train.resume:
+        latest = save / "checkpoints" / "latest"
+        if latest.is_file():
+            tag = latest.read_text().strip()
+            if (save / "checkpoints" / tag).is_dir():
+                plan.add("paths", "resume from", f"{save / 'checkpoints' / tag}")
+            else:
+                plan.problems.append(f"--resume: {latest} names {tag!r}, which does not exist")
+        else:
+            # The trainer starts from scratch in this case; a dry run asked to resume flags it.
+            plan.problems.append(f"--resume: no checkpoint to resume from ({latest} does not exist)")
+
+
+def _ds_config(ds_config_path: str, train, dp: int, plan: Plan) -> dict | None:
+    from megavac.config import load_ds_config, merge_ds_config, precision_of
+
+    try:
+        ds = merge_ds_config(load_ds_config(ds_config_path), train, dp)
+    except ValueError as e:
+        plan.problems.append(str(e))
+        return None
+    # DeepSpeed's own parser, without distributed init (it then assumes one rank: give it that rank's batch).
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        probe = dict(ds, train_batch_size=ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+        DeepSpeedConfig(probe)
+    except Exception as e:  # DeepSpeed raises assorted types (pydantic, AssertionError, ValueError)
+        plan.problems.append(f"DeepSpeed rejects the merged config {ds_config_path}: {type(e).__name__}: {e}")
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        plan.problems.append(f"{ds_config_path}: bf16 and fp16 are both enabled")
+    stage = ds["zero_optimization"].get("stage", 0)
+    plan.add("paths", "ds_config", f"{ds_config_path} (loaded and merged with the CLI flags: ZeRO-{stage}, "
+                                   f"{precision_of(ds)}, grad accum {ds['gradient_accumulation_steps']}, "
+                                   f"lr {ds['optimizer']['params']['lr']}, clip {ds['gradient_clipping']})")
+    return ds
+
+
+def make_plan(data, train, method, ds_config_path: str, world_size: int | None = None,
+              pipeline_stages: int = 1) -> Plan:
+    """Check everything and estimate memory; problems are collected in ``plan.problems``."""
+    import torch
+
+    from megavac.config import model_config, precision_of
+    from megavac.model import Transformer
+
+    plan = Plan()
+    world = default_world_size() if world_size is None else world_size
+    info = _data_info(data, plan)
+    _check_save_dir(train, plan)
+
+    # Model on the meta device: shapes only.
+    vocab, pad = (info["vocab_size"], info["pad_id"]) if info else (64000, 0)
+    try:
+        mcfg = model_config(train, vocab, pad)
+    except ValueError as e:
+        plan.problems.append(str(e))
+        return plan
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    params = model.num_parameters()
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    embed = model.embed.weight.numel()
+    num_layers = mcfg.enc_layers + mcfg.dec_layers
+
+    # Parallelism, then the ds_config merged for the data-parallel degree (DeepSpeed's train_batch_size).
+    ds0 = None
+    try:
+        from megavac.config import load_ds_config
+
+        ds0 = load_ds_config(ds_config_path)
+    except ValueError as e:
+        plan.problems.append(str(e))
+    zero_stage = train.zero_stage if train.zero_stage is not None else \
+        int(((ds0 or {}).get("zero_optimization") or {}).get("stage", 0))
+    try:
+        dp = check_parallelism(world, pipeline_stages, zero_stage, num_layers)
+    except ValueError as e:
+        plan.problems.append(str(e))
+        dp = max(1, world // max(1, pipeline_stages))
+    ds = _ds_config(ds_config_path, train, dp, plan) if ds0 is not None else None
+
+    plan.add("parallelism", "world size", world)
+    plan.add("parallelism", "pipeline stages", pipeline_stages)
+    plan.add("parallelism", "data-parallel degree", f"{dp} (= world / stages; ZeRO partitions over it)")
+    if pipeline_stages > 1:
+        plan.notes.append("megavac's trainer runs data parallelism only; --pipeline-stages is a planning figure")
+    if data.max_tokens < 1:
+        plan.problems.append(f"--max-tokens must be >= 1, got {data.max_tokens}")
+    plan.add("model", "preset", f"{train.model}: d_model {mcfg.d_model}, {mcfg.enc_layers}+{mcfg.dec_layers} layers, "
+                                f"d_ff {mcfg.d_ff}, heads {mcfg.n_heads}, vocab {vocab}")
+    plan.add("model", "parameters", f"{params:,} (embedding, tied: {embed:,}; largest layer {largest:,})")
+    plan.numbers.update(world=world, stages=pipeline_stages, dp=dp, params=params, largest_layer=largest,
+                        vocab_size=vocab)
+    if info:
+        plan.add("data", "tasks", f"{len(info['names'])}: {', '.join(info['names'][:12])}"
+                                  f"{' …' if len(info['names']) > 12 else ''}")
+        plan.numbers["tasks"] = len(info["names"])
+
+    if ds is None:
+        return plan
+    ga = ds["gradient_accumulation_steps"]
+    micro = ds["train_micro_batch_size_per_gpu"]
+    tokens = data.max_tokens * dp * ga
+    plan.add("batch", "tokens per update", f"{tokens:,} padded tokens (max_tokens {data.max_tokens} × DP {dp} × "
+                                           f"grad accum {ga})")
+    plan.add("batch", "DeepSpeed train_batch_size",
+             f"{ds['train_batch_size']} (nominal: micro {micro} × grad accum {ga} × DP {dp}; "
+             "one token-budgeted micro-batch counts as one sample)")
+    if ds["train_batch_size"] != micro * ga * dp:
+        plan.problems.append(f"train_batch_size {ds['train_batch_size']} != micro {micro} × grad accum {ga} × DP {dp}")
+    plan.numbers.update(tokens_per_update=tokens, grad_accum=ga, train_batch_size=ds["train_batch_size"])
+
+    precision = precision_of(ds)
+    zero_stage = int(ds["zero_optimization"].get("stage", 0))
+    try:
+        accum = grad_accum_dtype(ds)
+    except ValueError as e:
+        plan.problems.append(str(e))
+        accum = "fp32"
+    offload = offload_optimizer_device(ds)
+    try:
+        check_method(method, zero_stage, precision, accum, offload)
+    except ValueError as e:
+        plan.problems.append(str(e))
+
+    # Memory per GPU. With pipeline stages a rank holds its stage's layers (the tied embedding on the first
+    # and the last stage): the largest stage holds about (P - embed) / stages + embed.
+    stage_params = params if pipeline_stages == 1 else int((params - embed) / pipeline_stages + embed)
+    states = model_state_bytes(stage_params, largest, zero_stage, precision, accum, dp)
+    model_total = sum(states.values())
+    ds_total = deepspeed_estimate(stage_params, largest, zero_stage, dp)
+    for k, v in states.items():
+        plan.memory.append((k, v, None))
+    plan.memory.append(("model states", model_total, ds_total))
+    extra = 0.0
+    if method.method != "monolithic":
+        K = len(info["names"]) if info else 0
+        per_batch = method.langs_per_batch or (CATS_DEFAULT_LANGS_PER_BATCH if method.method == "cats" else K)
+        extra = K * (stage_params / dp) * 4
+        plan.memory.append((f"per-language slices (K={K})", extra, None))
+        plan.add("method", method.method, f"{K} fp32 gradient slices of {stage_params // dp:,} elements per rank "
+                                          f"(pergrad allocates one per task); up to {per_batch} languages "
+                                          f"(backward passes) per batch")
+        plan.numbers["pergrad_bytes"] = extra
+    act = activation_bytes(mcfg, data.max_tokens, precision)
+    plan.memory.append(("activations (rough)", act, None))
+    plan.memory.append(("total", model_total + extra + act, None))
+    plan.numbers.update(model_states_bytes=model_total, deepspeed_model_states_bytes=ds_total,
+                        activation_bytes=act, total_bytes=model_total + extra + act, zero_stage=zero_stage,
+                        precision=precision, grad_accum_dtype=accum, state_rows=states)
+    plan.add("memory", "setting", f"ZeRO-{zero_stage}, {precision} (grad accumulation {accum}), "
+                                  f"optimizer offload {offload}")
+    if zero_stage == 1:
+        plan.notes.append("DeepSpeed has no ZeRO-1 estimator: its column shows the ZeRO-2 formula (gradients "
+                          "partitioned), a lower bound")
+    if precision == "fp32" and ds_total is not None:
+        plan.notes.append("DeepSpeed's estimator assumes 16-bit mixed precision; this run is fp32")
+    return plan
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def render(plan: Plan, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = file or sys.stdout
+    console = Console(file=out, width=None if out.isatty() else 120, highlight=False)
+    table = Table(title="megavac dry run", show_lines=False)
+    for col in ("section", "item", "value"):
+        table.add_column(col, overflow="fold")
+    last = None
+    for section, item, value in plan.rows:
+        table.add_row(section if section != last else "", item, value)
+        last = section
+    console.print(table)
+    if plan.memory:
+        mem = Table(title="memory per GPU (GiB)")
+        mem.add_column("item")
+        mem.add_column("megavac", justify="right")
+        mem.add_column("DeepSpeed estimator", justify="right")
+        for item, ours, theirs in plan.memory:
+            style = "bold" if item in ("model states", "total") else None
+            mem.add_row(item, f"{ours / GiB:.3f}", "" if theirs is None else f"{theirs / GiB:.3f}", style=style)
+        console.print(mem)
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    if plan.ok:
+        console.print("plan OK")
+    else:
+        console.print(f"{len(plan.problems)} problem(s):")
+        for p in plan.problems:
+            console.print(f"  - {p}")
+
+
+def main(data, train, method, ds_config_path: str, world_size: int | None = None, pipeline_stages: int = 1,
+         file=None) -> int:
+    """Run the dry run and print the report; 0 when the plan is OK, 2 otherwise."""
+    try:
+        plan = make_plan(data, train, method, ds_config_path, world_size, pipeline_stages)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    render(plan, file)
+    return 0 if plan.ok else 2
+
+
+__all__ = ["Plan", "make_plan", "main", "render", "add_dry_run_args", "check_parallelism", "check_method",
+           "model_state_bytes", "deepspeed_estimate", "activation_bytes", "default_world_size"]

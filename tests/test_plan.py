@@ -1,0 +1,219 @@
+"""The dry-run planner (megavac/plan.py, ``launch/train.py --dry-run``): paths, parallelism, model size,
+memory per GPU against DeepSpeed's estimators, refusals. No distributed init, no DeepSpeed engine."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, launch_env
+from megavac import plan
+from megavac.config import DataConfig, MethodConfig, TrainConfig, model_config
+from megavac.model import Transformer
+
+DS = REPO / "ds_configs"
+
+
+def _plan(tmp_path, data=None, train=None, method=None, ds="zero2.json", **kw):
+    data = data or DataConfig(synthetic_dir=str(tmp_path / "synthetic"))
+    train = train or TrainConfig(save_dir=str(tmp_path / "run"))
+    return plan.make_plan(data, train, method or MethodConfig(), str(DS / ds), **kw)
+
+
+def test_default_config_without_data_reports_the_synthetic_corpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    p = _plan(tmp_path)
+    assert p.ok, p.problems
+    text = " ".join(v for _, _, v in p.rows)
+    assert "would be generated" in text
+    assert not (tmp_path / "synthetic").exists()  # nothing generated
+    assert not (tmp_path / "run").exists()  # nothing written
+    assert p.numbers["world"] == 1 and p.numbers["dp"] == 1 and p.numbers["tasks"] == 28
+    out = io.StringIO()
+    plan.render(p, out)
+    assert out.getvalue().rstrip().endswith("plan OK")
+
+
+def test_world_size_from_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert plan.default_world_size() == 16
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert plan.default_world_size() == 4
+    assert plan.default_world_size({}) == 1
+
+
+def test_prepared_corpus(small_synthetic, tmp_path):
+    data = DataConfig(data_dir=str(small_synthetic), max_tokens=1000)
+    train = TrainConfig(save_dir=str(tmp_path / "run"), grad_accum=3)
+    p = _plan(tmp_path, data=data, train=train, world_size=4)
+    assert p.ok, p.problems
+    assert p.numbers["tasks"] == 6
+    assert p.numbers["tokens_per_update"] == 1000 * 4 * 3
+    assert p.numbers["train_batch_size"] == 4 * 3  # DeepSpeed's nominal batch: micro 1 × ga × DP
+    # The parameter count of the meta-device model is the real model's.
+    import json
+
+    meta = json.loads((small_synthetic / "meta.json").read_text())
+    real = Transformer(model_config(train, meta["vocab_size"], meta["pad_id"]))
+    assert p.numbers["params"] == real.num_parameters()
+    # Task subset and unknown tasks.
+    names = [t["name"] for t in meta["tasks"]]
+    assert _plan(tmp_path, data=DataConfig(data_dir=str(small_synthetic), tasks=",".join(names[:2])),
+                 train=train).numbers["tasks"] == 2
+    bad = _plan(tmp_path, data=DataConfig(data_dir=str(small_synthetic), tasks="en-zz"), train=train)
+    assert any("en-zz" in x for x in bad.problems)
+
+
+def test_missing_paths_are_problems(tmp_path):
+    p = _plan(tmp_path, data=DataConfig(data_dir=str(tmp_path / "nope")),
+              train=TrainConfig(save_dir=str(tmp_path / "run"), resume=True), ds="zero2.json")
+    assert any(str(tmp_path / "nope") in x for x in p.problems)
+    assert any("--resume" in x and "latest" in x for x in p.problems)
+    with pytest.raises(ValueError, match="nope"):
+        p.raise_if_problems()
+    p = _plan(tmp_path, ds="missing.json")
+    assert any("missing.json" in x for x in p.problems)
+
+
+@pytest.mark.parametrize("dp", [1, 8, 64])
+@pytest.mark.parametrize("params,largest", [(241_897_472, 65_536_000), (1_438_208, 512_000)])
+def test_model_states_match_deepspeed_estimators(params, largest, dp):
+    """Stated tolerance: ZeRO-2 equal (to DeepSpeed's int rounding, 1 byte); ZeRO-3 larger by exactly the
+    16-bit parameter partition 2P/N that DeepSpeed's ZeRO-3 formula omits (≤ 1/10 of the partitioned part)."""
+    for precision in ("bf16", "fp16"):
+        z2 = sum(plan.model_state_bytes(params, largest, 2, precision, precision, dp).values())
+        assert abs(z2 - plan.deepspeed_estimate(params, largest, 2, dp)) <= 1
+        z3 = sum(plan.model_state_bytes(params, largest, 3, precision, precision, dp).values())
+        ds3 = plan.deepspeed_estimate(params, largest, 3, dp)
+        assert abs(z3 - ds3 - 2 * params / dp) <= 1
+        assert (z3 - ds3) / (18 * params / dp) <= 0.12
+
+
+def test_memory_through_the_plan_equals_deepspeed(tmp_path):
+    for ds, stage in (("zero2_fp16.json", 2), ("zero3_fp16.json", 3)):
+        p = _plan(tmp_path, train=TrainConfig(save_dir=str(tmp_path / "run"), model="big"), ds=ds, world_size=8)
+        assert p.ok, p.problems
+        n = p.numbers
+        assert n["zero_stage"] == stage and n["precision"] == "fp16"
+        slack = 0 if stage == 2 else 2 * n["params"] / 8
+        assert abs(n["model_states_bytes"] - n["deepspeed_model_states_bytes"] - slack) <= 1
+        # The DeepSpeed column is printed beside ours.
+        out = io.StringIO()
+        plan.render(p, out)
+        assert "DeepSpeed estimator" in out.getvalue()
+    # Hand count, ZeRO-2 bf16 with fp32 accumulation: 2P + (4 + 4 + 8)P/N.
+    p = _plan(tmp_path, ds="zero2_bf16.json", world_size=4)
+    P = p.numbers["params"]
+    assert p.numbers["grad_accum_dtype"] == "fp32"
+    assert p.numbers["model_states_bytes"] == pytest.approx(2 * P + 16 * P / 4)
+
+
+def test_per_language_slices(tmp_path):
+    p = _plan(tmp_path, method=MethodConfig(method="gradvac"), ds="zero2.json", world_size=4)
+    assert p.ok, p.problems
+    K, P = p.numbers["tasks"], p.numbers["params"]
+    assert p.numbers["pergrad_bytes"] == pytest.approx(K * P / 4 * 4)
+    assert "pergrad_bytes" not in _plan(tmp_path, world_size=4).numbers
+
+
+@pytest.mark.parametrize("world,stages,zero,match", [
+    (8, 3, 1, r"world size 8 .*--pipeline-stages 3"),
+    (8, 2, 2, r"--pipeline-stages 2 with ZeRO stage 2"),
+    (16, 16, 1, r"--pipeline-stages 16 exceeds the model's 12 layers"),
+    (0, 1, 1, r"--world-size must be >= 1, got 0"),
+])
+def test_bad_parallelism_raises_naming_values(world, stages, zero, match):
+    with pytest.raises(ValueError, match=match):
+        plan.check_parallelism(world, stages, zero, num_layers=12)
+
+
+def test_bad_combination_in_the_plan(tmp_path):
+    p = _plan(tmp_path, ds="zero3.json", world_size=8, pipeline_stages=2)
+    assert not p.ok
+    with pytest.raises(ValueError, match=r"--pipeline-stages 2 with ZeRO stage 3"):
+        p.raise_if_problems()
+    assert plan.check_parallelism(8, 2, 1, 12) == 4
+
+
+@pytest.mark.parametrize("ds,extra,match", [
+    ("zero2.json", {"zero_stage": 0}, r"ZeRO stage 0"),
+    ("zero1_bf16.json", {}, None),  # no grad_accum_dtype: ZeRO-1 partition, accepted
+])
+def test_method_refusals_from_configs(tmp_path, ds, extra, match):
+    p = _plan(tmp_path, train=TrainConfig(save_dir=str(tmp_path / "run"), **extra),
+              method=MethodConfig(method="cats"), ds=ds, world_size=2)
+    if match is None:
+        assert p.ok, p.problems
+    else:
+        assert any(__import__("re").search(match, x) for x in p.problems), p.problems
+
+
+def test_method_refusals():
+    m = MethodConfig(method="gradvac")
+    with pytest.raises(ValueError, match="bf16 \\+ ZeRO stage 1 \\+ grad_accum_dtype fp32"):
+        plan.check_method(m, 1, "bf16", "fp32", "none")
+    with pytest.raises(ValueError, match="offload_optimizer.device='cpu'"):
+        plan.check_method(m, 2, "bf16", "fp32", "cpu")
+    with pytest.raises(ValueError, match="'sgd'"):
+        plan.check_method(MethodConfig(method="sgd"), 2, "fp32", "fp32", "none")
+    plan.check_method(MethodConfig(), 0, "bf16", "fp32", "cpu")  # monolithic: anything goes
+    plan.check_method(m, 2, "bf16", "fp32", "none")
+
+
+def test_no_engine_in_process(tmp_path, monkeypatch):
+    """The dry-run path of launch/train.py never initialises distributed or a DeepSpeed engine."""
+    import deepspeed
+
+    from megavac import distributed
+
+    def boom(*a, **k):
+        raise AssertionError("a dry run must not start distributed or DeepSpeed")
+
+    monkeypatch.setattr(deepspeed, "initialize", boom)
+    monkeypatch.setattr(distributed, "init", boom)
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import train as train_script
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    rc = train_script.main(["--dry-run", "--synthetic-dir", str(tmp_path / "s"), "--save-dir", str(tmp_path / "r"),
+                            "--world-size", "2"])
+    assert rc == 0
+    assert not torch.distributed.is_initialized()
+
+
+def test_train_py_dry_run_subprocess(tmp_path):
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--dry-run", "--ds_config", str(DS / "zero2_bf16.json"),
+           "--synthetic-dir", str(tmp_path / "s"), "--save-dir", str(tmp_path / "r"), "--model", "big",
+           "--grad-accum", "4", "--world-size", "8", "--method", "gradvac"]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert time.time() - t0 < 60
+    assert p.stdout.rstrip().endswith("plan OK")
+    assert "tokens per update" in p.stdout and "DeepSpeed estimator" in p.stdout
+    assert "DeepSpeed info" not in p.stdout + p.stderr and "Initializing TorchBackend" not in p.stdout + p.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+    bad = subprocess.run(cmd[:-2] + ["--pipeline-stages", "3"], cwd=REPO, env=launch_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "world size 8 is not divisible by --pipeline-stages 3" in bad.stdout
+
+
+def test_dry_run_options_need_dry_run(capsys):
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import train as train_script
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    with pytest.raises(SystemExit) as e:
+        train_script.main(["--world-size", "4"])
+    assert e.value.code == 2
+    assert "dry-run options" in capsys.readouterr().err
