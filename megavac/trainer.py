@@ -23,6 +23,7 @@ from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampl
 from megavac.loss import per_language_losses
 from megavac.metrics import Metrics
 from megavac.model import Transformer
+from megavac.preemption import Preemption
 from megavac.validation import Validator
 
 
@@ -148,6 +149,7 @@ class Trainer:
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config),
                 "method": method.method}
         self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
+        self.preemption = Preemption(self.rank, self.device)  # SIGTERM/SIGUSR1: checkpoint, exit, requeue
         self.step = 0
         if train.resume:
             self._resume()
@@ -262,5 +264,11 @@ class Trainer:
                 val_loss = self.validate()
             if saving:
                 self.save(val_loss)
+            if self.preemption.should_stop():  # every rank agrees: same step
+                if not saving:
+                    self.save(None)
+                break
         self.metrics.close()
+        if self.preemption.stop_signal is not None:
+            self.preemption.finish(self.step, done=self.step >= cfg.max_steps)
         return val_loss
