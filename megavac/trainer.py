@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
@@ -188,7 +187,6 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer update over ``ga`` micro-batches. Returns local sums
         [loss × tokens, tokens, nll_k (K), tokens_k (K)] for logging."""
-        K = self.K
         if self.pergrad is not None:
             batches = [collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
                        for _ in range(self.ga)]
