@@ -90,7 +90,10 @@ class LanguageGrads:
     """What a collector hands over for one optimizer step (all of this rank's)."""
 
     slices: torch.Tensor
-    """fp32 [K, N]: this rank's slice of each language's reduced gradient (÷ ga as DeepSpeed scales)."""
+    """fp32 [P, N]: this rank's slice of the reduced gradient (÷ ga as DeepSpeed scales) of each of the
+    P languages present in the step, in the order of ``langs``; absent languages take no memory."""
+    langs: torch.Tensor
+    """long [P]: the language index of each row of ``slices`` (ascending)."""
     present: torch.Tensor
     """bool [K]: language present in the step's global batch (any rank, any micro-batch)."""
     losses: torch.Tensor
@@ -159,20 +162,25 @@ class KBackwardCollector(GradCollector):
             raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
         K, part, engine = self.num_langs, self.partition, self.engine
         dev = part.device
-        if self._slices is None:
-            self._slices = torch.zeros(K, part.numel, dtype=torch.float32, device=dev)
-        slices = self._slices.zero_()
-        present = torch.zeros(K, dtype=torch.bool)
+        # Which languages each micro-batch has on ANY rank: one small all-reduce for the whole step.
+        here = torch.zeros(len(batches), K, dtype=torch.float32, device=dev)
+        for m, batch in enumerate(batches):
+            here[m, list(batch.segments)] = 1.0
+        group = part.dp_group()
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(here, group=group)
+        here = here.cpu() > 0
+        present = here.any(0)
+        langs_all = torch.nonzero(present).flatten()
+        row = {int(k): r for r, k in enumerate(langs_all.tolist())}
+        # One row per PRESENT language (a CATS batch has 8 of 100): the buffer grows to the most seen.
+        if self._slices is None or self._slices.shape[0] < len(row):
+            self._slices = torch.zeros(len(row), part.numel, dtype=torch.float32, device=dev)
+        slices = self._slices[:len(row)].zero_()
         losses = torch.zeros(K, dtype=torch.float64)
         sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
-        group = part.dp_group()
         for m, batch in enumerate(batches):
-            here = torch.zeros(K, dtype=torch.float32, device=dev)
-            here[list(batch.segments)] = 1.0
-            if dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(here, group=group)
-            langs = torch.nonzero(here > 0).flatten().tolist()
-            present[langs] = True
+            langs = torch.nonzero(here[m]).flatten().tolist()
             loss_k, nll_k, ntok_k = self.losses(batch)
             snapshot = None
             for i, k in enumerate(langs):
@@ -182,7 +190,7 @@ class KBackwardCollector(GradCollector):
                 else:
                     part.rearm_backward_hooks(snapshot)
                 engine.backward(loss_k[k], retain_graph=i < len(langs) - 1)
-                part.read(slices[k], accumulate=True)
+                part.read(slices[row[k]], accumulate=True)
                 part.zero_()
             if m < len(batches) - 1:
                 engine.set_gradient_accumulation_boundary(False)
@@ -193,7 +201,7 @@ class KBackwardCollector(GradCollector):
                 sums[1] += batch.ntokens
                 sums[2:2 + K] += nll_k.double().cpu()
                 sums[2 + K:] += ntok_k.double().cpu()
-        return LanguageGrads(slices, present, losses, sums)
+        return LanguageGrads(slices, langs_all, present, losses, sums)
 
 
 # ------------------------------------------------------------------------------------ the step
@@ -300,9 +308,9 @@ class PerLanguageStep:
         return per_language_losses(logits, batch.tgt_out, batch.lang, self.K, self.pad_id, self.label_smoothing)
 
     def group_grams(self, slices: torch.Tensor) -> torch.Tensor:
-        """float64 [G, K, K] local: parameter Grams summed into groups."""
+        """float64 [G, P, P] local: parameter Grams of the P rows of ``slices`` summed into groups."""
         pg = self.collector.param_grams(slices)
-        G, K = self.num_groups, self.K
+        G, K = self.num_groups, slices.shape[0]
         return torch.zeros(G, K, K, dtype=torch.float64, device=pg.device).index_add_(
             0, self.group_of_param.to(pg.device), pg)
 
@@ -320,7 +328,9 @@ class PerLanguageStep:
         try:  # whatever happens, the accumulation boundary goes back to DeepSpeed's counter
             got = self.collector.collect(batches)
             t.append(time.perf_counter())
-            gram = self.group_grams(got.slices)
+            idx = got.langs
+            gram = torch.zeros(G, K, K, dtype=torch.float64, device=got.slices.device)
+            gram[:, idx[:, None], idx[None, :]] = self.group_grams(got.slices)  # absent languages: zero rows
             # One all-reduce: the Grams and the K loss shares (for GradNorm and logging).
             packed = torch.cat([gram.flatten(), got.losses.to(gram.device)])
             group = part.dp_group()
@@ -339,7 +349,7 @@ class PerLanguageStep:
             skipped = self.method.skipped != skipped_before
             assert weights.shape == (G, K), weights.shape
             t.append(time.perf_counter())
-            part.write(self.combine(got.slices, weights))
+            part.write(self.combine(got.slices, weights[:, idx]))
             t.append(time.perf_counter())
             part.force_boundary()
             self.engine.step()

@@ -15,7 +15,7 @@ What is checked and estimated (every number is per GPU unless said otherwise):
 * model parameters (the preset built on the ``meta`` device: no memory, no initialisation cost);
 * memory for model states under the ZeRO stage and precision, next to DeepSpeed's own estimators, plus a
   rough activation estimate for ``--max-tokens``;
-* per-language gradient methods: the K fp32 gradient slices megavac/pergrad.py keeps per rank, and the
+* per-language gradient methods: the fp32 gradient slices (one per language present) megavac/pergrad.py keeps, and the
   configurations megavac/ds_adapter.py refuses.
 
 Model-state bytes per parameter, as DeepSpeed 0.19.8 allocates them (``P`` parameters, ``N`` = DP degree):
@@ -420,11 +420,12 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     if method.method != "monolithic":
         K = len(info["names"]) if info else 0
         per_batch = method.langs_per_batch or (CATS_DEFAULT_LANGS_PER_BATCH if method.method == "cats" else K)
-        extra = K * (stage_params / dp) * 4
-        plan.memory.append((f"per-language slices (K={K})", extra, None))
-        plan.add("method", method.method, f"{K} fp32 gradient slices of {stage_params // dp:,} elements per rank "
-                                          f"(pergrad allocates one per task); up to {per_batch} languages "
-                                          f"(backward passes) per batch")
+        # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K tasks.
+        extra = per_batch * (stage_params / dp) * 4
+        plan.memory.append((f"per-language slices ({per_batch} of {K} languages)", extra, None))
+        plan.add("method", method.method, f"{per_batch} fp32 gradient slices of {stage_params // dp:,} elements per "
+                                          f"rank (one per language present, {per_batch} per batch at most, of {K}); "
+                                          f"{per_batch} backward passes per micro-batch")
         plan.numbers["pergrad_bytes"] = extra
     act = activation_bytes(mcfg, data.max_tokens, precision)
     plan.memory.append(("activations (rough)", act, None))

@@ -104,7 +104,7 @@ class FakeCollector(GradCollector):
 
     def collect(self, batches):
         K = self.slices.shape[0]
-        return LanguageGrads(self.slices.clone(), self.present.clone(), torch.ones(K, dtype=torch.float64),
+        return LanguageGrads(self.slices.clone(), torch.arange(K), self.present.clone(), torch.ones(K, dtype=torch.float64),
                              torch.zeros(2 + 2 * K, dtype=torch.float64))
 
 
