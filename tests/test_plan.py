@@ -120,6 +120,8 @@ def test_per_language_slices(tmp_path):
     K, P = p.numbers["tasks"], p.numbers["params"]
     assert p.numbers["pergrad_bytes"] == pytest.approx(K * P / 4 * 4)
     assert "pergrad_bytes" not in _plan(tmp_path, world_size=4).numbers
+    cats = _plan(tmp_path, method=MethodConfig(method="cats", langs_per_batch=3), ds="zero2.json", world_size=4)
+    assert cats.numbers["pergrad_bytes"] == pytest.approx(3 * P / 4 * 4)  # only the languages present
 
 
 @pytest.mark.parametrize("world,stages,zero,match", [
