@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megavac.distributed import free_port  # noqa: E402
 from megavac.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint  # noqa: E402
 from megavac.scoring import Thresholds, bleu_tokenizer, resource_group, select_tasks, split_files  # noqa: E402
 
 WRITER = ROOT / "tests" / "helpers" / "write_ds_checkpoint.py"
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env() -> dict:
