@@ -65,6 +65,15 @@ class Batch:
     segments: dict  # task index -> (first row, end row)
     ntokens: int  # target tokens (what the loss is averaged over)
 
+    def language_rows(self, k: int, pad_id: int) -> "Batch":
+        """Language k's rows alone, trimmed to their longest sequences; ``ntokens`` stays the whole
+        batch's count, the normaliser of every language's loss share."""
+        a, b = self.segments[k]
+        src, tgt_in, tgt_out = self.src[a:b], self.tgt_in[a:b], self.tgt_out[a:b]
+        S = int((src != pad_id).sum(1).max())
+        T = int(((tgt_in != pad_id) | (tgt_out != pad_id)).sum(1).max())
+        return Batch(src[:, :S], tgt_in[:, :T], tgt_out[:, :T], self.lang[a:b], {k: (0, b - a)}, self.ntokens)
+
     def to(self, device):
         for f in ("src", "tgt_in", "tgt_out", "lang"):
             setattr(self, f, getattr(self, f).to(device, non_blocking=True))

@@ -103,6 +103,8 @@ class GradPartition:
         self.engine = engine
         self.optimizer = engine.optimizer
         self.param_names = [n for n, _ in engine.module.named_parameters()]
+        self.all_param_names = self.param_names
+        """Every parameter of the whole model (other pipeline stages' too): the global group map."""
         self._index = {id(p): k for k, (_, p) in enumerate(engine.module.named_parameters())}
 
     # ------------------------------------------------------------------ access (subclasses)
@@ -161,6 +163,22 @@ class GradPartition:
     def dp_group(self):
         """The data-parallel process group the gradient is partitioned (and reduced) over."""
         return _attr(self.optimizer, "dp_process_group", "data-parallel group of the partition")
+
+    def gram_group(self):
+        """The group over which the local Grams of ``gram_segments`` add up to the full Gram (the
+        data-parallel group under ZeRO; every rank under pipeline parallelism)."""
+        return self.dp_group()
+
+    @property
+    def gram_segments(self) -> list[Segment]:
+        """The local elements this rank counts in the Grams (each model element on exactly one rank of
+        ``gram_group``). Under ZeRO the partition itself."""
+        return self.segments
+
+    def step(self) -> None:
+        """Hand the gradient now in the partition to DeepSpeed: norm, clipping, overflow check, update."""
+        self.force_boundary()
+        self.engine.step()
 
     def snapshot_backward_hooks(self):
         """State to re-arm before a further backward through the same forward graph (None: nothing)."""
@@ -339,12 +357,147 @@ class _Zero3Partition(GradPartition):
             self._checked_layout = True
 
 
+class _PipelinePartition(GradPartition):
+    """Pipeline engine (ZeRO-0/1, pipe/engine.py). ZeRO-1 reduces only in the ReduceGrads instruction at
+    the end of ``train_batch``; until then each stage's parameters hold this rank's own full local
+    gradients in ``param.grad``, which is what the per-language capture reads between micro-batches.
+
+    The local vector is the stage's parameters back to back (``engine.module.named_parameters()``
+    order, no padding). ``param_names`` are the plain ``Transformer`` names (the module's
+    ``plain_name``), so that every stage builds the same global groups. The Gram counts each model
+    element once over all ranks: the stage's vector is cut into ``dp`` chunks, data-parallel rank d
+    counts chunk d, and the second copy of a tied weight (``ds_pipe_replicated``, set by DeepSpeed on
+    every tied copy but the first stage's) is left out.
+    """
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        module = engine.module
+        self.stage = int(engine.zero_optimization_stage())
+        named = list(module.named_parameters())
+        self.params = [p for _, p in named]
+        self.param_names = [module.plain_name(n) for n, _ in named]
+        self.all_param_names = module.plain_param_names()
+        grid = _attr(engine, "grid", "PipelineEngine process grid")
+        self.dp_rank, self.dp_size = int(grid.data_parallel_id), int(grid.data_parallel_size)
+        self._dp_group = grid.get_data_parallel_group()
+        self.storage_dtype = self.params[0].dtype if self.params else torch.float32
+        self.segments, off = [], 0
+        for k, p in enumerate(self.params):
+            self.segments.append(Segment(off, p.numel(), k, 0))
+            off += p.numel()
+        self.numel = off
+        chunk = -(-self.numel // self.dp_size)
+        lo, hi = self.dp_rank * chunk, min(self.numel, (self.dp_rank + 1) * chunk)
+        self._gram_segments = []
+        for s in self.segments:
+            if getattr(self.params[s.param], "ds_pipe_replicated", False):
+                continue
+            a, b = max(lo, s.start), min(hi, s.start + s.numel)
+            if a < b:
+                self._gram_segments.append(Segment(a, b - a, s.param, a - s.start))
+        index = {id(p): k for k, p in enumerate(self.params)}
+        self.tied = [(self.segments[index[id(w)]], group) for w, group in module.get_tied_weights_and_groups()]
+        self._check_segments()
+
+    @property
+    def gram_segments(self):
+        return self._gram_segments
+
+    def dp_group(self):
+        return self._dp_group
+
+    def gram_group(self):
+        return None  # the world: every (stage, data-parallel rank) counts its own elements
+
+    def _pieces(self):
+        pieces = []
+        for s, p in zip(self.segments, self.params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            pieces.append((s.start, p.grad))
+        return pieces
+
+    def force_boundary(self) -> None:
+        pass  # the pipeline engine decides boundaries by instruction, not by micro-step counting
+
+    def release_boundary(self) -> None:
+        pass
+
+    def reduce_rows(self, rows: torch.Tensor) -> None:
+        """In place: local per-language gradients [P, numel] -> DeepSpeed's reduced ones, i.e. tied
+        weights summed over their stages and everything averaged over the data-parallel group."""
+        import torch.distributed as dist
+
+        if self.dp_size > 1:
+            dist.all_reduce(rows, group=self._dp_group)
+            rows /= self.dp_size
+        for s, group in self.tied:
+            part = rows[:, s.start:s.start + s.numel].contiguous()
+            dist.all_reduce(part, group=group)
+            rows[:, s.start:s.start + s.numel] = part
+
+    def run_backward_schedule(self, items: list, after_backward) -> None:
+        """DeepSpeed's 1F1B training schedule over ``items`` (one per micro-batch) WITHOUT its tied-weight
+        and data-parallel reductions and optimizer step; ``after_backward(i)`` runs on this stage right
+        after micro-batch i's backward (the schedule runs backwards in micro-batch order)."""
+        from types import MethodType
+
+        from deepspeed.runtime.pipe import schedule
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        eng = self.engine
+        sched = schedule.TrainSchedule(micro_batches=len(items), stages=eng.num_stages, stage_id=eng.stage_id)
+        skip = (schedule.ReduceTiedGrads, schedule.ReduceGrads, schedule.OptimizerStep)
+        table = _attr(PipelineEngine, "_INSTRUCTION_MAP", "pipeline instruction table")
+        eng.module.train()
+        eng.total_loss, eng._compute_loss = None, True
+        eng.set_dataiterator(iter(items))
+        _attr(eng, "_reserve_pipe_buffers", "pipeline buffers")(sched.num_pipe_buffers())
+        eng.fwd_outputs = []
+        done = 0
+        for cmds in sched:
+            for cmd in cmds:
+                if isinstance(cmd, skip):
+                    continue
+                MethodType(table[type(cmd)], eng)(**cmd.kwargs)
+                if isinstance(cmd, schedule.BackwardPass):
+                    after_backward(done)
+                    done += 1
+        assert done == len(items), (done, len(items))
+
+    def step(self) -> None:
+        """The end of ``train_batch``: data-parallel reduction of ``param.grad`` (already summed over the
+        tied stages by ``reduce_rows``, so DeepSpeed's tied reduction is skipped) and the optimizer step."""
+        _attr(self.engine, "_exec_reduce_grads", "pipeline ReduceGrads instruction")()
+        _attr(self.engine, "_exec_optimizer_step", "pipeline OptimizerStep instruction")()
+
+
+def is_pipeline_engine(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
 def grad_partition(engine) -> GradPartition:
     """The adapter for ``engine`` (a DeepSpeedEngine); ValueError for configurations it cannot serve."""
     check_version()
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     stage = int(engine.zero_optimization_stage())
+    if is_pipeline_engine(engine):
+        if isinstance(engine.optimizer, BF16_Optimizer):
+            raise ValueError(
+                "per-language gradients under pipeline parallelism need DeepSpeed's ZeRO-1 optimizer; this config "
+                "(bf16 + ZeRO-1 + grad_accum_dtype fp32, or bf16 + ZeRO-0) makes DeepSpeed use BF16_Optimizer: "
+                "use fp32, fp16, or bf16 without data_types.grad_accum_dtype")
+        if stage == 1 and engine.zero_overlap_comm():
+            raise ValueError("per-language gradients under pipeline parallelism need zero_optimization.overlap_comm "
+                             "false: with it ZeRO-1 reduces inside the backward, before each language is read")
+        if not hasattr(engine.module, "plain_name"):
+            raise ValueError("per-language gradients under pipeline parallelism need megavac's TransformerPipe "
+                             "(megavac.pipeline.make_pipeline_module)")
+        return _PipelinePartition(engine)
     if isinstance(engine.optimizer, BF16_Optimizer):
         raise ValueError(
             "per-language gradients need a ZeRO gradient partition, but this config (bf16 + ZeRO-1 + "

@@ -26,17 +26,19 @@ def per_language_losses(
     num_langs: int,
     pad_id: int,
     smoothing: float = 0.1,
+    total: torch.Tensor | float | None = None,
 ):
     """Split the token-mean batch loss into per-language shares.
 
     Returns ``(loss_k [K], nll_sum_k [K], ntok_k [K])``: ``loss_k`` is language k's summed token loss
     divided by the batch's TOTAL token count, so ``loss_k.sum()`` is exactly the batch loss and the
     gradients of the shares sum to the monolithic gradient. ``nll_sum_k`` and ``ntok_k`` (detached)
-    serve logging of per-language perplexity.
+    serve logging of per-language perplexity. ``total`` overrides the normaliser: a pipeline runs each
+    language's rows of a batch as its own micro-batch and still divides by the whole batch's tokens.
     """
     loss, nll = token_losses(logits, target, pad_id, smoothing)
     ntok_row = (target != pad_id).sum(1)
-    total = ntok_row.sum().clamp(min=1)
+    total = ntok_row.sum().clamp(min=1) if total is None else total
     loss_k = torch.zeros(num_langs, dtype=loss.dtype, device=loss.device).index_add(0, lang, loss.sum(1))
     with torch.no_grad():
         nll_k = torch.zeros(num_langs, dtype=nll.dtype, device=nll.device).index_add(0, lang, nll.sum(1))

@@ -137,16 +137,35 @@ class DecoderLayer(nn.Module):
         return self.ffn(self.cross_attn(y, memory, src_mask))
 
 
+def init_embedding(module: nn.Module, cfg: ModelConfig) -> None:
+    """Give ``module`` the shared token embedding, the position table and the embedding dropout."""
+    module.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+    nn.init.normal_(module.embed.weight, std=cfg.d_model**-0.5)
+    with torch.no_grad():
+        module.embed.weight[cfg.pad_id].zero_()
+    module.register_buffer("pos", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+    module.drop = nn.Dropout(cfg.dropout)
+
+
+def embed_tokens(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Scaled token embedding plus sinusoidal positions, with dropout (``module`` from ``init_embedding``)."""
+    cfg, T = module.cfg, tokens.shape[1]
+    if T > cfg.max_positions:
+        raise ValueError(f"sequence of {T} tokens exceeds max_positions={cfg.max_positions}")
+    x = module.embed(tokens) * math.sqrt(cfg.d_model) + module.pos[:T].to(module.embed.weight.dtype)
+    return module.drop(x)
+
+
+def key_mask(src: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Boolean [B, 1, 1, S] mask, True where a key may be attended."""
+    return (src != pad_id)[:, None, None, :]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
-        nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5)
-        with torch.no_grad():
-            self.embed.weight[cfg.pad_id].zero_()
-        self.register_buffer("pos", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        init_embedding(self, cfg)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         # Pre-LN stacks need a final norm; post-LN layers already end normalised.
@@ -154,15 +173,10 @@ class Transformer(nn.Module):
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else nn.Identity()
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        T = tokens.shape[1]
-        if T > self.cfg.max_positions:
-            raise ValueError(f"sequence of {T} tokens exceeds max_positions={self.cfg.max_positions}")
-        x = self.embed(tokens) * math.sqrt(self.cfg.d_model) + self.pos[:T].to(self.embed.weight.dtype)
-        return self.drop(x)
+        return embed_tokens(self, tokens)
 
     def key_mask(self, src: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, 1, 1, S] mask, True where a key may be attended."""
-        return (src != self.cfg.pad_id)[:, None, None, :]
+        return key_mask(src, self.cfg.pad_id)
 
     def encode(self, src: torch.Tensor) -> torch.Tensor:
         x, mask = self.embed_tokens(src), self.key_mask(src)

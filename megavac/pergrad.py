@@ -116,11 +116,15 @@ class GradCollector:
     def collect(self, batches: list) -> LanguageGrads:
         raise NotImplementedError
 
+    def plain(self, batches: list, loss_weights: torch.Tensor) -> torch.Tensor:
+        """One plain optimizer step on Σ_k loss_weights[k] · loss_k; returns the logging sums."""
+        raise NotImplementedError
+
     def param_grams(self, slices: torch.Tensor) -> torch.Tensor:
         """float64 [P, K, K]: Σ over this rank's elements of parameter p of g_i[e] g_j[e]."""
         P, K = len(self.partition.param_names), slices.shape[0]
         out = torch.zeros(P, K, K, dtype=torch.float64, device=slices.device)
-        for s in self.partition.segments:
+        for s in self.partition.gram_segments:
             for a in range(s.start, s.start + s.numel, GRAM_CHUNK):
                 x = slices[:, a:min(a + GRAM_CHUNK, s.start + s.numel)].double()
                 out[s.param].addmm_(x, x.T)
@@ -151,6 +155,21 @@ class KBackwardCollector(GradCollector):
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
         self.ga = int(engine.gradient_accumulation_steps())
         self._slices: torch.Tensor | None = None
+
+    def plain(self, batches: list, loss_weights: torch.Tensor) -> torch.Tensor:
+        K = self.num_langs
+        ones = bool((loss_weights == 1).all())
+        sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        for batch in batches:
+            loss_k, nll_k, ntok_k = self.losses(batch)
+            loss = loss_k.sum() if ones else (loss_k * loss_weights.to(loss_k)).sum()
+            self.engine.backward(loss)
+            self.engine.step()
+            sums[0] += float(loss_k.detach().sum()) * batch.ntokens
+            sums[1] += batch.ntokens
+            sums[2:2 + K] += nll_k.double().cpu()
+            sums[2 + K:] += ntok_k.double().cpu()
+        return sums
 
     def losses(self, batch):
         logits = self.engine(batch.src, batch.tgt_in)
@@ -204,6 +223,77 @@ class KBackwardCollector(GradCollector):
         return LanguageGrads(slices, langs_all, present, losses, sums)
 
 
+class PipelineCollector(GradCollector):
+    """Per-language gradients on a pipeline engine, for the FLOPs of one plain step.
+
+    A Transformer treats sentences independently, so language k's share of the batch loss is the loss
+    of the batch's language-k rows alone (divided by the whole batch's tokens). Each (micro-batch,
+    language) becomes one pipeline micro-batch: one forward and one backward per sentence, as in plain
+    training, and more micro-batches only shrink the pipeline bubble. After each backward a stage
+    moves its parameters' local gradient into row k and zeroes it (``run_backward_schedule``); then
+    ``reduce_rows`` sums the tied embedding over its two stages and averages over data-parallel ranks:
+    each row is DeepSpeed's reduced gradient of language k for this stage's parameters (full, not a
+    ZeRO slice: the pipeline engine's ZeRO-1 partitions only optimizer state). Grams count each element
+    once over all ranks (``gram_segments``) and are summed over data-parallel AND pipeline ranks.
+
+    Memory: one fp32 row per present language of the stage's parameters (1/stages of the model).
+    """
+
+    def __init__(self, engine, num_langs: int, partition: GradPartition | None = None):
+        from megavac.pipeline import PipelineRunner
+
+        self.engine = engine
+        self.partition = partition or grad_partition(engine)
+        self.num_langs = num_langs
+        self.ga = int(engine.gradient_accumulation_steps())
+        self.runner = PipelineRunner(engine)
+        self._rows: torch.Tensor | None = None
+
+    def plain(self, batches: list, loss_weights: torch.Tensor) -> torch.Tensor:
+        return self.runner.train_batch(batches, loss_weights)
+
+    def collect(self, batches: list) -> LanguageGrads:
+        from megavac.pipeline import pipeline_items
+
+        if len(batches) != self.ga:
+            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        K, part = self.num_langs, self.partition
+        here = torch.zeros(K, dtype=torch.float32)
+        subs, order = [], []
+        for batch in batches:
+            for k in sorted(batch.segments):
+                subs.append(batch.language_rows(k, self.runner.loss.pad_id))
+                order.append(k)
+                here[k] = 1.0
+        if part.dp_size > 1:
+            dist.all_reduce(here, group=part.dp_group())
+        present = here > 0
+        langs_all = torch.nonzero(present).flatten()
+        row = {int(k): r for r, k in enumerate(langs_all.tolist())}
+        if self._rows is None or self._rows.shape[0] < len(row):
+            self._rows = torch.zeros(len(row), part.numel, dtype=torch.float32, device=part.device)
+        rows = self._rows[:len(row)].zero_()
+
+        def capture(i):
+            part.read(rows[row[order[i]]], accumulate=True)
+            part.zero_()
+
+        loss = self.runner.loss
+        loss.begin(None)
+        part.zero_()
+        part.run_backward_schedule(pipeline_items(subs), capture)
+        part.reduce_rows(rows)
+        return LanguageGrads(rows, langs_all, present, loss.records[3] / self.ga, loss.train_sums())
+
+
+def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: float) -> GradCollector:
+    from megavac.ds_adapter import is_pipeline_engine
+
+    if is_pipeline_engine(engine):
+        return PipelineCollector(engine, num_langs)
+    return KBackwardCollector(engine, num_langs, pad_id, label_smoothing)
+
+
 # ------------------------------------------------------------------------------------ the step
 @dataclass
 class StepStats:
@@ -253,10 +343,15 @@ class PerLanguageStep:
         self.engine, self.method, self.K = engine, method, num_langs
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
         self.ga = int(engine.gradient_accumulation_steps())
-        self.collector = collector or KBackwardCollector(engine, num_langs, pad_id, label_smoothing)
+        self.collector = collector or default_collector(engine, num_langs, pad_id, label_smoothing)
         self.partition = self.collector.partition
         self.granularity = granularity
-        self.group_names, self.group_of_param = build_groups(self.partition.param_names, granularity)
+        # Groups from the WHOLE model's names: under pipeline parallelism every stage then agrees on them.
+        self.group_names, _ = build_groups(getattr(self.partition, "all_param_names", self.partition.param_names),
+                                           granularity)
+        index = {g: i for i, g in enumerate(self.group_names)}
+        self.group_of_param = torch.tensor([index[group_label(n, granularity)] for n in self.partition.param_names],
+                                           dtype=torch.long)
         self._runs = self._combine_runs()
         self.generator = torch.Generator().manual_seed(seed)
         self.gram_log_dir = Path(gram_log_dir) if gram_log_dir else None
@@ -288,24 +383,7 @@ class PerLanguageStep:
 
     def plain_step(self, batches: list, step: int) -> StepStats:
         """The trainer's plain path, with the method's loss weights (all ones: exactly plain training)."""
-        K = self.K
-        lw = self.method.loss_weights()
-        ones = bool((lw == 1).all())
-        sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
-        for batch in batches:
-            loss_k, nll_k, ntok_k = self._losses(batch)
-            loss = loss_k.sum() if ones else (loss_k * lw.to(loss_k)).sum()
-            self.engine.backward(loss)
-            self.engine.step()
-            sums[0] += float(loss_k.detach().sum()) * batch.ntokens
-            sums[1] += batch.ntokens
-            sums[2:2 + K] += nll_k.double().cpu()
-            sums[2 + K:] += ntok_k.double().cpu()
-        return StepStats(sums, gram_step=False)
-
-    def _losses(self, batch):
-        logits = self.engine(batch.src, batch.tgt_in)
-        return per_language_losses(logits, batch.tgt_out, batch.lang, self.K, self.pad_id, self.label_smoothing)
+        return StepStats(self.collector.plain(batches, self.method.loss_weights()), gram_step=False)
 
     def group_grams(self, slices: torch.Tensor) -> torch.Tensor:
         """float64 [G, P, P] local: parameter Grams of the P rows of ``slices`` summed into groups."""
@@ -333,12 +411,13 @@ class PerLanguageStep:
             gram[:, idx[:, None], idx[None, :]] = self.group_grams(got.slices)  # absent languages: zero rows
             # One all-reduce: the Grams and the K loss shares (for GradNorm and logging).
             packed = torch.cat([gram.flatten(), got.losses.to(gram.device)])
-            group = part.dp_group()
-            world = dist.get_world_size(group) if dist.is_initialized() else 1
-            if world > 1:
+            group = part.gram_group()
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
                 dist.all_reduce(packed, group=group)
             gram = packed[:G * K * K].view(G, K, K).cpu()
-            losses = packed[G * K * K:].cpu() / world
+            # Loss shares: summed over the data-parallel ranks (only the last pipeline stage has them).
+            dp = dist.get_world_size(part.dp_group()) if dist.is_initialized() else 1
+            losses = packed[G * K * K:].cpu() / dp
             scale = part.loss_scale()
             if scale != 1.0:
                 gram = gram / (scale * scale)  # fp16: slices hold gradients × scale
@@ -351,8 +430,7 @@ class PerLanguageStep:
             t.append(time.perf_counter())
             part.write(self.combine(got.slices, weights[:, idx]))
             t.append(time.perf_counter())
-            part.force_boundary()
-            self.engine.step()
+            part.step()
             t.append(time.perf_counter())
         finally:
             part.release_boundary()

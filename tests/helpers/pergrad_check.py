@@ -10,6 +10,9 @@ engine for --steps steps through ``PerLanguageStep.run`` and, beside it, a plain
   replaying the random visiting order the production method drew (``last_order``);
 * and takes the same optimizer step (SGD: the parameter displacement is then exactly lr × Σ updates).
 
+With ``--pipeline-stages S`` the engine is megavac's pipeline form of the same model (S stages ×
+N/S data-parallel ranks, ZeRO-0/1) and the reference uses the N/S data-parallel ranks' batches.
+
 Rank 0 writes, per method, the relative error of the parameter displacement after all steps, and of
 the method's state. --mono additionally compares monolithic weights through the Gram path with the
 plain path (``engine.backward(loss); engine.step()``) under Adam, after the same steps.
@@ -58,6 +61,19 @@ def batches_for(step, world, ga, K, pattern):
 def full_params(engine, stage):
     import deepspeed
 
+    if hasattr(engine.module, "plain_state_dict"):  # pipeline: every stage's parameters, plain names
+        import torch.distributed as dist
+
+        mine = {n: p.detach().double().clone() for n, p in engine.module.plain_state_dict().items()}
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        out = {}
+        for part in parts:
+            for n, t in part.items():
+                if n in out:  # the tied embedding, on the first and last stage: copies must agree
+                    assert torch.equal(out[n], t), n
+                out[n] = t
+        return out
     params = list(engine.module.named_parameters())
     if engine.bfloat16_enabled():  # the fp32 master weights: bf16 copies would be mostly rounding
         from deepspeed.utils import safe_get_full_fp32_param
@@ -69,7 +85,19 @@ def full_params(engine, stage):
     return {n: p.detach().double().clone() for n, p in params}
 
 
+def pipelined(model, stages, K):
+    """``model`` itself, or its pipeline form with the same weights (``stages`` > 1)."""
+    if stages == 1:
+        return model
+    from megavac.pipeline import PipelineLoss, make_pipeline_module
+
+    pipe = make_pipeline_module(model.cfg, stages, PipelineLoss(K, PAD, SMOOTHING))
+    pipe.load_plain_state_dict(model.state_dict())
+    return pipe
+
+
 def make_engine(model, stage, world, ga, optimizer, precision="fp32"):
+    """``world``: the data-parallel degree."""
     import deepspeed
 
     # Adam's eps 1e-6 rather than 1e-8: Adam's first steps are ~lr·sign(g), so with a tiny eps an
@@ -161,14 +189,16 @@ def check_method(name, args, rank, world):
     ref_model = clone_model(model)
     names = [n for n, _ in model.named_parameters()]
     theta0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
-    engine = make_engine(model, args.stage, world, ga, "sgd", args.precision)
+    dp = world // args.pipeline_stages
+    engine = make_engine(pipelined(model, args.pipeline_stages, K), args.stage, dp, ga, "sgd", args.precision)
+    rank = dp_rank(engine)
     method = build_method(name.split("_")[0], K, **opts)
     step_fn = PerLanguageStep(engine, method, K, pad_id=PAD, label_smoothing=SMOOTHING, granularity=granularity,
                               seed=1234)
     ref = Reference(name, K, granularity, opts, names)
     gram_steps = skipped = 0
     for step in range(args.steps):
-        batches = batches_for(step, world, ga, K, args.pattern)
+        batches = batches_for(step, dp, ga, K, args.pattern)
         stats = step_fn.run(batches[rank], step)
         gram_steps += stats.gram_step
         skipped += stats.skipped
@@ -182,7 +212,7 @@ def check_method(name, args, rank, world):
     got = full_params(engine, args.stage)
     want = {n: p.detach().double() for n, p in ref_model.named_parameters()}
     return {"method": name, "optimizer": type(engine.optimizer).__name__, "stage": step_fn.partition.stage,
-            "world": world, "granularity": granularity, "groups": step_fn.num_groups,
+            "world": world, "pipeline_stages": args.pipeline_stages, "collector": type(step_fn.collector).__name__, "granularity": granularity, "groups": step_fn.num_groups,
             "displacement_rel_err": rel(got, want, theta0), "param_rel_err": rel(got, want),
             "state_err": ref.state_error(method), "gram_steps": gram_steps, "skipped": skipped}
 
@@ -191,15 +221,19 @@ def check_mono(args, rank, world, optimizer="adam"):
     """Monolithic weights through the Gram path vs the plain path, both under Adam."""
     K, ga = args.K, args.ga
     results = {}
+    dp = world // args.pipeline_stages
     for path in ("gram", "plain"):
-        model = make_model(0)
-        engine = make_engine(model, args.stage, world, ga, optimizer, args.precision)
+        model = pipelined(make_model(0), args.pipeline_stages, K)
+        engine = make_engine(model, args.stage, dp, ga, optimizer, args.precision)
+        rank = dp_rank(engine)
         step_fn = PerLanguageStep(engine, build_method("monolithic", K), K, pad_id=PAD, label_smoothing=SMOOTHING,
                                   granularity="all_layer")
         for step in range(args.steps):
-            batches = batches_for(step, world, ga, K, args.pattern)[rank]
+            batches = batches_for(step, dp, ga, K, args.pattern)[rank]
             if path == "gram":
                 step_fn.gram_step(batches, step)
+            elif args.pipeline_stages > 1:  # the trainer's plain pipeline step
+                step_fn.collector.plain(batches, torch.ones(K))
             else:  # the trainer's plain loop, verbatim
                 for b in batches:
                     logits = engine(b.src, b.tgt_in)
@@ -216,6 +250,15 @@ def check_mono(args, rank, world, optimizer="adam"):
             "micro_steps": [results["gram_micro"], results["plain_micro"]]}
 
 
+def dp_rank(engine) -> int:
+    grid = getattr(engine, "grid", None)
+    if grid is not None:
+        return int(grid.data_parallel_id)
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -228,6 +271,7 @@ def main():
     ap.add_argument("--K", type=int, default=4)
     ap.add_argument("--pattern", default="mixed", choices=["all", "mixed"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--pipeline-stages", type=int, default=1)
     ap.add_argument("--port", default="29517")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
