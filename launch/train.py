@@ -4,6 +4,7 @@
     deepspeed launch/train.py --ds_config ds_configs/zero2.json            # synthetic corpus, all defaults
     deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json --data-dir data/opus100
     mpirun -np 2 python launch/train.py --ds_config ds_configs/zero2.json
+    deepspeed --num_gpus 4 launch/train.py --ds_config ds_configs/pipeline.json   # 2 stages × 2 data-parallel
     python launch/train.py --dry-run --world-size 64 --model big ...        # check the plan, no GPUs
     python launch/train.py --help                                           # every option
 """
@@ -28,9 +29,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data, train, method = from_args(DataConfig, args), from_args(TrainConfig, args), from_args(MethodConfig, args)
     if args.dry_run:  # no distributed init, no DeepSpeed engine
-        return plan.main(data, train, method, args.ds_config, args.world_size, args.pipeline_stages)
-    if args.world_size is not None or args.pipeline_stages != 1:
-        parser.error("--world-size and --pipeline-stages are dry-run options (the launcher sets the world size)")
+        return plan.main(data, train, method, args.ds_config, args.world_size)
+    if args.world_size is not None:
+        parser.error("--world-size is a dry-run option (the launcher sets the world size)")
     from megavac.trainer import Trainer
 
     try:

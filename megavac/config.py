@@ -81,6 +81,9 @@ class TrainConfig:
     """ZeRO stage override (1, 2, 3); None keeps the ds_config's."""
     precision: str | None = None
     """fp32, bf16 or fp16 override; None keeps the ds_config's."""
+    pipeline_stages: int | None = None
+    """Pipeline-parallel stages (DeepSpeed PipelineModule, ZeRO-0/1); None keeps the ds_config's
+    pipeline.stages, else 1 (no pipeline). The world size must be a multiple of it."""
     seed: int = 1
     """Seed for parameters, data order and dropout."""
     save_dir: str = "runs/default"
@@ -171,6 +174,12 @@ def merge_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
     nominal: one "sample" per micro-batch per rank.
     """
     ds = json.loads(json.dumps(ds))
+    stages = pipeline_stages(ds, train)
+    if world_size % stages:
+        raise ValueError(f"world size {world_size} is not divisible by --pipeline-stages {stages}")
+    if stages > 1:
+        ds["pipeline"] = {**ds.get("pipeline", {}), "stages": stages}
+    world_size //= stages  # the data-parallel degree
     ga = train.grad_accum if train.grad_accum is not None else ds.get("gradient_accumulation_steps", 1)
     if not (isinstance(ga, int) and ga >= 1):
         raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {ga!r}")
@@ -200,9 +209,23 @@ def merge_ds_config(ds: dict, train: TrainConfig, world_size: int) -> dict:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {train.precision!r}")
         for key in ("bf16", "fp16"):
             ds.setdefault(key, {})["enabled"] = train.precision == key
+    if stages > 1 and zero.get("stage", 0) > 1:
+        raise ValueError(f"--pipeline-stages {stages} with ZeRO stage {zero['stage']}: DeepSpeed's pipeline engine "
+                         "supports ZeRO stage 0 or 1 only (ds_configs/pipeline.json is ZeRO-1)")
     ds.setdefault("steps_per_print", 10**9)  # megavac prints its own progress
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def pipeline_stages(ds: dict, train: TrainConfig) -> int:
+    """Pipeline stages: --pipeline-stages, else the ds_config's pipeline.stages, else 1."""
+    stages = train.pipeline_stages
+    if stages is None:
+        stages = ds.get("pipeline", {}).get("stages", 1)
+        stages = 1 if stages == "auto" else stages
+    if not (isinstance(stages, int) and stages >= 1):
+        raise ValueError(f"pipeline stages must be an integer >= 1, got {stages!r}")
+    return stages
 
 
 def precision_of(ds: dict) -> str:

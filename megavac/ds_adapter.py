@@ -485,11 +485,13 @@ def grad_partition(engine) -> GradPartition:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     stage = int(engine.zero_optimization_stage())
+    if stage == 0:
+        raise ValueError("per-language gradient methods need ZeRO stage 1, 2 or 3 (zero_optimization.stage=0 given)")
     if is_pipeline_engine(engine):
         if isinstance(engine.optimizer, BF16_Optimizer):
             raise ValueError(
                 "per-language gradients under pipeline parallelism need DeepSpeed's ZeRO-1 optimizer; this config "
-                "(bf16 + ZeRO-1 + grad_accum_dtype fp32, or bf16 + ZeRO-0) makes DeepSpeed use BF16_Optimizer: "
+                "(bf16 + ZeRO-1 + grad_accum_dtype fp32) makes DeepSpeed use BF16_Optimizer: "
                 "use fp32, fp16, or bf16 without data_types.grad_accum_dtype")
         if stage == 1 and engine.zero_overlap_comm():
             raise ValueError("per-language gradients under pipeline parallelism need zero_optimization.overlap_comm "

@@ -1,7 +1,7 @@
 """Dry-run planner: validate a whole training plan without GPUs, distributed init or DeepSpeed engines.
 
     python launch/train.py --dry-run --ds_config ds_configs/zero2_bf16.json --data-dir data/opus100 \\
-        --model big --max-tokens 4096 --grad-accum 4 --world-size 64 [--pipeline-stages 1]
+        --model big --max-tokens 4096 --grad-accum 4 --world-size 64 [--pipeline-stages 2]
 
 What is checked and estimated (every number is per GPU unless said otherwise):
 
@@ -70,9 +70,6 @@ def add_dry_run_args(parser: argparse.ArgumentParser) -> None:
                         "(0: plan OK, 2: problems)")
     g.add_argument("--world-size", type=int, default=None,
                    help="ranks to plan for (default: $WORLD_SIZE, else $SLURM_NTASKS, else 1)")
-    g.add_argument("--pipeline-stages", type=int, default=1,
-                   help="pipeline-parallel stages to plan for (default 1; DeepSpeed's pipeline engine allows "
-                        "ZeRO-1 at most)")
 
 
 def default_world_size(env: dict | None = None) -> int:
@@ -294,11 +291,11 @@ def _check_save_dir(train, plan: Plan) -> None:
             plan.problems.append(f"--resume: no checkpoint to resume from ({latest} does not exist)")
 
 
-def _ds_config(ds_config_path: str, train, dp: int, plan: Plan) -> dict | None:
+def _ds_config(ds_config_path: str, train, world: int, plan: Plan) -> dict | None:
     from megavac.config import load_ds_config, merge_ds_config, precision_of
 
     try:
-        ds = merge_ds_config(load_ds_config(ds_config_path), train, dp)
+        ds = merge_ds_config(load_ds_config(ds_config_path), train, world)
     except ValueError as e:
         plan.problems.append(str(e))
         return None
@@ -319,8 +316,7 @@ def _ds_config(ds_config_path: str, train, dp: int, plan: Plan) -> dict | None:
     return ds
 
 
-def make_plan(data, train, method, ds_config_path: str, world_size: int | None = None,
-              pipeline_stages: int = 1) -> Plan:
+def make_plan(data, train, method, ds_config_path: str, world_size: int | None = None) -> Plan:
     """Check everything and estimate memory; problems are collected in ``plan.problems``."""
     import torch
 
@@ -357,17 +353,25 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     zero_stage = train.zero_stage if train.zero_stage is not None else \
         int(((ds0 or {}).get("zero_optimization") or {}).get("stage", 0))
     try:
+        from megavac.config import pipeline_stages as resolve_stages
+
+        pipeline_stages = resolve_stages(ds0 or {}, train)
+    except ValueError as e:
+        plan.problems.append(str(e))
+        pipeline_stages = 1
+    try:
         dp = check_parallelism(world, pipeline_stages, zero_stage, num_layers)
     except ValueError as e:
         plan.problems.append(str(e))
         dp = max(1, world // max(1, pipeline_stages))
-    ds = _ds_config(ds_config_path, train, dp, plan) if ds0 is not None else None
+    ds = _ds_config(ds_config_path, train, dp * pipeline_stages, plan) if ds0 is not None else None
 
     plan.add("parallelism", "world size", world)
     plan.add("parallelism", "pipeline stages", pipeline_stages)
     plan.add("parallelism", "data-parallel degree", f"{dp} (= world / stages; ZeRO partitions over it)")
     if pipeline_stages > 1:
-        plan.notes.append("megavac's trainer runs data parallelism only; --pipeline-stages is a planning figure")
+        plan.notes.append("pipeline: DeepSpeed balances the layers over the stages by parameter count; the tied "
+                          "embedding sits on the first and the last stage")
     if data.max_tokens < 1:
         plan.problems.append(f"--max-tokens must be >= 1, got {data.max_tokens}")
     plan.add("model", "preset", f"{train.model}: d_model {mcfg.d_model}, {mcfg.enc_layers}+{mcfg.dec_layers} layers, "
@@ -421,11 +425,16 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         K = len(info["names"]) if info else 0
         per_batch = method.langs_per_batch or (CATS_DEFAULT_LANGS_PER_BATCH if method.method == "cats" else K)
         # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K tasks.
-        extra = per_batch * (stage_params / dp) * 4
+        # Under pipeline parallelism a row is the stage's whole local gradient (ZeRO-1 partitions only the
+        # optimizer state there), and each language's rows form their own micro-batch: no extra backward.
+        slice_elems = stage_params if pipeline_stages > 1 else stage_params // dp
+        extra = per_batch * slice_elems * 4
         plan.memory.append((f"per-language slices ({per_batch} of {K} languages)", extra, None))
-        plan.add("method", method.method, f"{per_batch} fp32 gradient slices of {stage_params // dp:,} elements per "
+        cost = ("one forward and backward per sentence (each language's rows are a pipeline micro-batch)"
+                if pipeline_stages > 1 else f"{per_batch} backward passes per micro-batch")
+        plan.add("method", method.method, f"{per_batch} fp32 gradient slices of {slice_elems:,} elements per "
                                           f"rank (one per language present, {per_batch} per batch at most, of {K}); "
-                                          f"{per_batch} backward passes per micro-batch")
+                                          f"{cost}")
         plan.numbers["pergrad_bytes"] = extra
     act = activation_bytes(mcfg, data.max_tokens, precision)
     plan.memory.append(("activations (rough)", act, None))
@@ -479,11 +488,10 @@ def render(plan: Plan, file=None) -> None:
             console.print(f"  - {p}")
 
 
-def main(data, train, method, ds_config_path: str, world_size: int | None = None, pipeline_stages: int = 1,
-         file=None) -> int:
+def main(data, train, method, ds_config_path: str, world_size: int | None = None, file=None) -> int:
     """Run the dry run and print the report; 0 when the plan is OK, 2 otherwise."""
     try:
-        plan = make_plan(data, train, method, ds_config_path, world_size, pipeline_stages)
+        plan = make_plan(data, train, method, ds_config_path, world_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

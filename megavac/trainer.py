@@ -108,23 +108,40 @@ class Trainer:
         self.K = self.train_data.num_tasks
         meta = self.train_data.meta
 
-        # Model
-        self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"])
-        model = Transformer(self.model_cfg)
-
-        # Engine
+        # Model and engine. With pipeline stages each rank builds only its stage's layers
+        # (megavac.pipeline); data parallelism then runs over world / stages ranks.
         import deepspeed
 
         self.ds_config = merge_ds_config(load_ds_config(ds_config_path), train, self.world)
+        self.stages = self.ds_config.get("pipeline", {}).get("stages", 1)
+        self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"])
+        self.runner = None
+        if self.stages > 1:
+            from megavac.pipeline import PipelineLoss, make_pipeline_module
+
+            model = make_pipeline_module(self.model_cfg, self.stages,
+                                         PipelineLoss(self.K, meta["pad_id"], train.label_smoothing))
+            param_names = model.plain_param_names()
+        else:
+            model = Transformer(self.model_cfg)
+            param_names = [n for n, _ in model.named_parameters()]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=self.ds_config,
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt(train.warmup_steps)))
         self.ga = self.engine.gradient_accumulation_steps()
+        if self.stages > 1:
+            from megavac.pipeline import PipelineRunner
+
+            self.runner = PipelineRunner(self.engine)
+            # Every stage of a pipeline reads the same batches: the sampler shards over data-parallel ranks.
+            self.dp_rank, self.dp_world = self.engine.grid.data_parallel_id, self.engine.grid.data_parallel_size
+        else:
+            self.dp_rank, self.dp_world = self.rank, self.world
         # Dropout must differ across ranks but be reproducible: seed the torch RNG per rank after init.
         torch.manual_seed(train.seed * 1000 + self.rank)
 
         # Per-language gradient method; monolithic keeps the plain path (no DeepSpeed internals).
-        self.method = build_method(method, self.train_data, [n for n, _ in model.named_parameters()])
+        self.method = build_method(method, self.train_data, param_names)
         self.pergrad = None
         if method.method != "monolithic":
             from megavac.pergrad import PerLanguageStep
@@ -138,30 +155,33 @@ class Trainer:
         lengths = [self.train_data.example_len(k, np.arange(n)) for k, n in enumerate(self.train_data.sizes)]
         self.probs = sampling_probs(self.train_data.sizes, data.temperature,
                                     parse_lang_weights(data.lang_weights, self.train_data.names))
-        self.sampler = TemperatureSampler(lengths, self.probs, data.max_tokens, train.seed, self.rank,
-                                          self.world, data.pool_batches, langs_per_pool(method, self.method))
+        self.sampler = TemperatureSampler(lengths, self.probs, data.max_tokens, train.seed, self.dp_rank,
+                                          self.dp_world, data.pool_batches, langs_per_pool(method, self.method))
         self.validator = Validator(self.dev_data, train.valid_max_tokens, self.model_cfg.max_positions,
-                                   self.rank, self.world, self.device, train.label_smoothing)
+                                   self.dp_rank, self.dp_world, self.device, train.label_smoothing, self.runner)
         self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
         info = {"model": self.model_cfg.to_dict(), "data_dir": str(Path(self.data_dir).resolve()),
                 "tasks": self.train_data.names, "world_size": self.world,
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config),
-                "method": method.method}
+                "method": method.method, "pipeline_stages": self.stages}
         self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
         self.preemption = Preemption(self.rank, self.device)  # SIGTERM/SIGUSR1: checkpoint, exit, requeue
         self.step = 0
         if train.resume:
             self._resume()
-        self._announce(model)
+        self._announce()
 
-    def _announce(self, model):
+    def _announce(self):
         if self.rank != 0:
             return
         Path(self.cfg.save_dir).mkdir(parents=True, exist_ok=True)
         run = run_config_dict(self.data_cfg, self.cfg, self.method_cfg, self.model_cfg, self.ds_config)
         (Path(self.cfg.save_dir) / "config.json").write_text(json.dumps(run, indent=2, default=str))
-        print(f"model {self.cfg.model}: {model.num_parameters():,} parameters | {self.K} tasks | "
-              f"world {self.world} | ZeRO-{self.ds_config['zero_optimization']['stage']} "
+        with torch.device("meta"):
+            params = Transformer(self.model_cfg).num_parameters()
+        layout = f"world {self.world}" if self.stages == 1 else \
+            f"world {self.world} = {self.stages} pipeline stages × {self.dp_world} data-parallel"
+        print(f"model {self.cfg.model}: {params:,} parameters | {self.K} tasks | {layout} | ZeRO-{self.ds_config['zero_optimization']['stage']} "
               f"{precision_of(self.ds_config)} | grad accum {self.ga} | method {self.method_cfg.method} | "
               f"data {self.data_dir}", flush=True)
         print("sampling probabilities: " + ", ".join(
@@ -201,6 +221,9 @@ class Trainer:
         return stats
 
     def _plain_micro_steps(self) -> torch.Tensor:
+        if self.runner is not None:  # pipeline: DeepSpeed's train_batch over the ga micro-batches
+            return self.runner.train_batch([collate(self.train_data, next(self.sampler), self.model_cfg.max_positions)
+                                            for _ in range(self.ga)])
         K = self.K
         stats = torch.zeros(2 + 2 * K, dtype=torch.float64)
         for _ in range(self.ga):

@@ -12,15 +12,33 @@ from megavac.loss import per_language_losses
 
 class Validator:
     def __init__(self, ds: MultilingualDataset, max_tokens: int, max_positions: int, rank: int, world: int,
-                 device: torch.device, smoothing: float):
+                 device: torch.device, smoothing: float, runner=None):
+        """``rank``/``world``: data-parallel. ``runner``: a ``megavac.pipeline.PipelineRunner`` for
+        pipelined engines (which only evaluate through ``eval_batch``)."""
         self.ds, self.max_positions, self.device, self.smoothing = ds, max_positions, device, smoothing
         self.batches = eval_batches(ds, max_tokens, rank, world)
+        self.runner = runner
 
     @torch.no_grad()
     def run(self, engine) -> dict:
         """Returns per-task NLL per token and perplexity plus their unweighted average over tasks."""
         K = self.ds.num_tasks
-        sums = torch.zeros(3, K, dtype=torch.float64)  # label-smoothed loss, nll, tokens
+        sums = self._pipelined() if self.runner is not None else self._plain(engine)
+        # Pipeline: only the last stage has sums (the other stages' are zero), so the world sum is right.
+        sums = all_reduce_sum(sums.to(self.device)).cpu()
+        tok = sums[2].clamp(min=1)
+        nll = (sums[1] / tok).tolist()
+        out = {"loss": dict(zip(self.ds.names, (sums[0] / tok).tolist())),
+               "nll": dict(zip(self.ds.names, nll)),
+               "ppl": {n: math.exp(min(x, 50.0)) for n, x in zip(self.ds.names, nll)}}
+        out["avg_nll"] = sum(nll) / K
+        out["avg_loss"] = sum(out["loss"].values()) / K
+        return out
+
+    def _plain(self, engine) -> torch.Tensor:
+        """float64 [3, K]: label-smoothed loss, nll and tokens per language over this rank's batches."""
+        K = self.ds.num_tasks
+        sums = torch.zeros(3, K, dtype=torch.float64)
         engine.eval()
         for items in self.batches:
             # Ranks with no batch left still run one (zero-weighted) forward: ZeRO-3 gathers collectively.
@@ -33,12 +51,14 @@ class Validator:
                 sums[1] += nll_k.double().cpu()
                 sums[2] += ntok_k.double().cpu()
         engine.train()
-        sums = all_reduce_sum(sums.to(self.device)).cpu()
-        tok = sums[2].clamp(min=1)
-        nll = (sums[1] / tok).tolist()
-        out = {"loss": dict(zip(self.ds.names, (sums[0] / tok).tolist())),
-               "nll": dict(zip(self.ds.names, nll)),
-               "ppl": {n: math.exp(min(x, 50.0)) for n, x in zip(self.ds.names, nll)}}
-        out["avg_nll"] = sum(nll) / K
-        out["avg_loss"] = sum(out["loss"].values()) / K
-        return out
+        return sums
+
+    def _pipelined(self) -> torch.Tensor:
+        batches = []
+        for items in self.batches:
+            batch = collate(self.ds, items or [(0, 0)], self.max_positions)
+            if not items:  # a rank short of batches runs one whose targets are all padding: zero weight
+                batch.tgt_out.fill_(self.ds.pad_id)
+                batch.ntokens = 0
+            batches.append(batch.to(self.device))
+        return self.runner.eval_records(batches)

@@ -276,3 +276,7 @@ def test_exact_under_pipeline_parallelism(tmp_path, world, ga):
     tied embedding counted once, and every method equals the literal reference on the whole model."""
     res = _launch(tmp_path, world, 1, ga, "--pipeline-stages", 2)
     _assert_exact(res, world, 1, pipeline_stages=2)
+    # The pipelined model's loss equals the plain model's on the same batches and weights.
+    loss = res["pipeline-loss"]
+    assert loss["last_stage_ranks"] == world // 2, loss
+    assert loss["eval_rel_err"] < 1e-6 and loss["train_rel_err"] < 1e-6, loss

@@ -136,11 +136,24 @@ def test_bad_parallelism_raises_naming_values(world, stages, zero, match):
 
 
 def test_bad_combination_in_the_plan(tmp_path):
-    p = _plan(tmp_path, ds="zero3.json", world_size=8, pipeline_stages=2)
+    p = _plan(tmp_path, ds="zero3.json", world_size=8,
+              train=TrainConfig(save_dir=str(tmp_path / "run"), pipeline_stages=2))
     assert not p.ok
     with pytest.raises(ValueError, match=r"--pipeline-stages 2 with ZeRO stage 3"):
         p.raise_if_problems()
     assert plan.check_parallelism(8, 2, 1, 12) == 4
+
+
+def test_pipeline_plan_from_the_pipeline_config(tmp_path):
+    """ds_configs/pipeline.json carries the stages; a row holds a stage's whole gradient (not a slice)."""
+    p = _plan(tmp_path, ds="pipeline.json", world_size=8, method=MethodConfig(method="cats", langs_per_batch=3))
+    assert p.ok, p.problems
+    assert p.numbers["stages"] == 2 and p.numbers["dp"] == 4 and p.numbers["train_batch_size"] == 4 * 4  # grad accum 4 × DP 4
+    P = p.numbers["params"]
+    assert P / 2 < p.numbers["pergrad_bytes"] / (3 * 4) < P  # about half the model per stage, not / dp
+    p4 = _plan(tmp_path, ds="pipeline.json", world_size=8,
+               train=TrainConfig(save_dir=str(tmp_path / "run"), pipeline_stages=4))
+    assert p4.numbers["stages"] == 4 and p4.numbers["dp"] == 2
 
 
 @pytest.mark.parametrize("ds,extra,match", [
@@ -218,4 +231,4 @@ def test_dry_run_options_need_dry_run(capsys):
     with pytest.raises(SystemExit) as e:
         train_script.main(["--world-size", "4"])
     assert e.value.code == 2
-    assert "dry-run options" in capsys.readouterr().err
+    assert "dry-run option" in capsys.readouterr().err

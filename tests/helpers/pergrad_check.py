@@ -250,6 +250,36 @@ def check_mono(args, rank, world, optimizer="adam"):
             "micro_steps": [results["gram_micro"], results["plain_micro"]]}
 
 
+def check_pipeline_loss(args, world):
+    """The pipelined model's per-language losses on each data-parallel rank's batches equal the plain
+    model's with the same weights (evaluation and the first training step's forward)."""
+    import torch.distributed as dist
+
+    from megavac.pipeline import PipelineRunner
+
+    K, dp = args.K, world // args.pipeline_stages
+    plain = make_model(0)
+    engine = make_engine(pipelined(make_model(0), args.pipeline_stages, K), args.stage, dp, args.ga, "adam")
+    rank = dp_rank(engine)
+    batches = batches_for(0, dp, args.ga, K, args.pattern)[rank]
+    runner = PipelineRunner(engine)
+    got_eval = runner.eval_records(batches)
+    got_train = runner.train_batch(batches)
+    want = torch.zeros(3, K, dtype=torch.float64)
+    with torch.no_grad():
+        for b in batches:
+            loss_k, nll_k, ntok_k = per_language_losses(plain(b.src, b.tgt_in), b.tgt_out, b.lang, K, PAD, SMOOTHING)
+            want += torch.stack([(loss_k * b.ntokens).double(), nll_k.double(), ntok_k.double()])
+    want_train = torch.cat([want[0].sum().view(1), want[2].sum().view(1), want[1], want[2]])
+    last = engine.is_last_stage()
+    err = torch.tensor([float((got_eval - want).abs().max() / want.abs().max()) if last else 0.0,
+                        float((got_train - want_train).abs().max() / want_train.abs().max()) if last else 0.0,
+                        float(last)], dtype=torch.float64)
+    dist.all_reduce(err)
+    return {"method": "pipeline-loss", "eval_rel_err": float(err[0]), "train_rel_err": float(err[1]),
+            "last_stage_ranks": int(err[2]), "world": world, "pipeline_stages": args.pipeline_stages}
+
+
 def dp_rank(engine) -> int:
     grid = getattr(engine, "grid", None)
     if grid is not None:
@@ -281,6 +311,8 @@ def main():
         out.append(check_method(name, args, rank, world))
     if args.mono:
         out.append(check_mono(args, rank, world, args.mono_optimizer))
+    if args.pipeline_stages > 1:
+        out.append(check_pipeline_loss(args, world))
     if rank == 0:
         Path(args.out).write_text(json.dumps(out, indent=1))
         for r in out:
