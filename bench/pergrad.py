@@ -2,6 +2,7 @@
 
     python bench/pergrad.py [--langs 4 8 16] [--reps 5] [--model tiny] [--vocab 4000] [--tokens 1024] [--zero 2]
     deepspeed --num_gpus 2 bench/pergrad.py ...            # 2 CPU ranks (gloo)
+    deepspeed --num_gpus 2 bench/pergrad.py --pipeline-stages 2 --zero 1   # the pipelined collector
 
 One DeepSpeed engine, one process per rank. For each K (languages per batch) every repetition draws
 one batch of about --tokens target tokens split evenly over K languages, and every method takes one
@@ -11,6 +12,10 @@ in training: "monolithic" is the plain path (one backward), "mono-gram" forces m
 through the K-backward Gram path (the collector's overhead alone), the others need a Gram every step
 (CATS with a meta step every step). Printed: median seconds of monolithic, each method's median as a
 ratio to it, the Gram path's phase split, and the extra memory per rank (the K gradient slices).
+
+With --pipeline-stages S the model is megavac's pipeline form (S stages, ZeRO-1) and the collector the
+pipelined one (each language's rows of the batch are one pipeline micro-batch: one forward and one
+backward per sentence); "monolithic" is then DeepSpeed's ``train_batch`` on the whole batch.
 """
 from __future__ import annotations
 
@@ -74,6 +79,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
     ap.add_argument("--granularity", default="all_layer")
+    ap.add_argument("--pipeline-stages", type=int, default=1)
     # One thread by default: on a shared machine more threads than free cores make every step wait on
     # its slowest thread and timings swing 20x between repetitions.
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (0: torch's default)")
@@ -101,17 +107,39 @@ def main():
           "zero_optimization": {"stage": args.zero, "overlap_comm": False, "contiguous_gradients": True,
                                 "reduce_bucket_size": 50_000_000},
           "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    stages = args.pipeline_stages
+    if stages > 1 and args.zero != 1:
+        raise SystemExit("--pipeline-stages needs --zero 1 (DeepSpeed's pipeline engine allows ZeRO-0/1)")
+    ds["train_batch_size"] = world // stages
+
+    def build(K):
+        """(engine, collector) for K languages: one engine for data parallelism, one per K when pipelined
+        (the pipeline's loss function is built for K languages)."""
+        if stages == 1:
+            return engine, KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)
+        from megavac.pipeline import PipelineLoss, make_pipeline_module
+        from megavac.pergrad import PipelineCollector
+
+        pipe = make_pipeline_module(cfg, stages, PipelineLoss(K, 0, 0.1))
+        pipe.load_plain_state_dict(model.state_dict())
+        eng, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds)
+        return eng, PipelineCollector(eng, K)
+
+    engine = None
+    if stages == 1:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     P = model.num_parameters()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"model {args.model} ({P / 1e6:.2f}M parameters, vocab {args.vocab}), ZeRO-{args.zero}, {world} rank(s), "
+    layout = f"{world} rank(s)" if stages == 1 else f"{stages} pipeline stages x {world // stages} data-parallel"
+    say(f"model {args.model} ({P / 1e6:.2f}M parameters, vocab {args.vocab}), ZeRO-{args.zero}, {layout}, "
         f"~{args.tokens} target tokens per batch, {torch.get_num_threads()} thread(s) per rank, "
         f"granularity {args.granularity}, {args.reps} interleaved repetitions (+1 warm-up), median")
 
-    gen = torch.Generator().manual_seed(1 + rank)
+    # Every stage of a pipeline must see the same batch: seed by the data-parallel rank.
+    gen = torch.Generator().manual_seed(1 + rank % (world // stages))  # pipe-major ranks: data index = rank % DP
     for K in args.langs:
-        collector = KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)
+        engine, collector = build(K)
         steps = {}
         for label, name, opts in METHODS:
             steps[label] = PerLanguageStep(engine, build_method(name, K, **opts), K, pad_id=0, label_smoothing=0.1,
@@ -135,6 +163,14 @@ def main():
                         phases[label][p].append(v)
         med = {label: statistics.median(v) for label, v in times.items()}
         base = med["monolithic"]
+        if stages > 1:  # the slowest stage's time is the step time; each rank timed its own stage
+            import torch.distributed as dist
+
+            for label in med:
+                t = torch.tensor([med[label]], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                med[label] = float(t)
+            base = med["monolithic"]
         slices_mb = K * collector.partition.numel * 4 / 2**20
         say(f"\nK = {K} languages per batch: monolithic {base * 1e3:.0f} ms/step; slices {slices_mb:.1f} MiB per rank "
             f"= {K * collector.partition.numel / P:.2f} x fp32 model size")
