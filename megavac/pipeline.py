@@ -183,8 +183,19 @@ def make_pipeline_module(cfg: ModelConfig, num_stages: int, loss_fn: "PipelineLo
 
     if num_layers(cfg) < num_stages:
         raise ValueError(f"--pipeline-stages {num_stages} exceeds the model's {num_layers(cfg)} pipeline layers")
-    return TransformerPipe(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
+    pipe = TransformerPipe(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
                            partition_method="parameters", dynamic_shape=True)
+    # DeepSpeed synchronises the tied embedding with an in-place broadcast outside no_grad, which leaves
+    # an autograd node without a backward kernel on the parameter: every backward then warns "c10d::
+    # broadcast_: an autograd kernel was not registered" (the gradient itself is right). A fresh
+    # Parameter on the same storage drops that node; DeepSpeed looks the weight up by attribute each
+    # time, and its ds_* marks (which copy counts for the norm) carry over.
+    for key, module in pipe.tied_modules.items():
+        old = module.embed.weight
+        new = nn.Parameter(old.detach(), requires_grad=old.requires_grad)
+        new.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("ds_")})
+        module.embed.weight = new
+    return pipe
 
 
 def plain_state_dict_from_layer_files(tag_dir, cfg: ModelConfig) -> dict[str, torch.Tensor]:
