@@ -91,6 +91,14 @@ class Checkpointer:
         tag = self.read_tag("latest")
         if tag is None:
             return None
+        meta_file = self.tag_dir(tag) / "megavac.json"
+        if meta_file.is_file():  # a different layout would fail deep inside DeepSpeed, or resume inexactly
+            saved = json.loads(meta_file.read_text())
+            for key, default in (("world_size", None), ("pipeline_stages", 1)):
+                have, want = saved.get(key, default), self.info.get(key, default)
+                if have is not None and have != want:
+                    raise ValueError(f"--resume: {meta_file} was written with {key}={have}, this run has {key}={want}; "
+                                     "resume with the same layout (the data order and optimizer shards depend on it)")
         path, client = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None:
             raise ValueError(f"could not load checkpoint {self.tag_dir(tag)} (named by {self.root / 'latest'})")
