@@ -21,6 +21,10 @@ ZeRO-3                      ``optimizer.grad_partitions_flat_buffer``: every par
                             in the order of ``fp16_groups``, ``partition_numel()`` elements each
                             (in the gradient-accumulation dtype: fp32 unless bf16/fp16 without
                             grad_accum_dtype fp32).
+Pipeline engine (ZeRO-0/1)  each stage's ``param.grad`` (full local gradients of its parameters): the
+                            engine reduces them only in its ReduceGrads instruction, which
+                            ``run_backward_schedule`` leaves out of the 1F1B schedule; ``step()`` then
+                            runs ReduceGrads and OptimizerStep as ``train_batch`` would.
 ==========================  =======================================================================
 
 ZeRO-3 also needs its backward-hook counters re-armed before each further backward through a retained
