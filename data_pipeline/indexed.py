@@ -8,16 +8,27 @@ Files written by ``python -m data_pipeline.prepare`` (format_version 1):
   n+1 offsets in elements: line i is ``bin[idx[i]:idx[i+1]]``, ``idx[0] == 0``.
 * ``raw/<xx>.<split>.<lang>`` (dev/test): original lines, UTF-8, ``\\n``-terminated;
   read them with :func:`load_raw`, which splits on ``\\n`` only (``str.splitlines``
-  would also split on U+2028, U+0085, ... and misalign references).
+  would also split on U+2028, U+0085, ..., and text-mode ``open`` on a lone ``\\r``;
+  either misaligns references).
+* ``spm.model``: the SentencePiece model (:func:`spm_path`).
+* ``meta.json``: written last (:func:`load_meta`); its ``tasks`` are what ``--tasks``
+  selects from (:func:`select_tasks`).
+
+Every consumer (training data, the dry-run plan, evaluation) reads the directory through
+these functions, so the format check, the file layout and the line splitting live here only.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 FORMAT_VERSION = 1
+# What every consumer of meta.json relies on (prepare writes more, for humans).
+META_KEYS = ("vocab_size", "pad_id", "unk_id", "bos_id", "eos_id", "pairs", "tasks")
+TASK_KEYS = ("name", "pair", "src", "tgt", "tag_id")
 _DTYPE_BY_ITEMSIZE = {2: np.dtype("<u2"), 4: np.dtype("<i4")}
 
 
@@ -114,12 +125,57 @@ def load_meta(data_dir: str | Path) -> dict:
             f"{path} not found{hint}; create the data directory with "
             f"`python -m data_pipeline.prepare --corpus <corpus> --out {data_dir}`"
         )
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PreparedDataError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+        raise PreparedDataError(f"{path} is not valid JSON ({e}); re-run data_pipeline.prepare") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise PreparedDataError(f"{path}: format_version {version!r} is not supported "
                                 f"(expected {FORMAT_VERSION}); re-run data_pipeline.prepare")
+    # Checked here, once, so a hand-edited file fails with its name rather than a KeyError deep in a consumer.
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise PreparedDataError(f"{path} lacks keys {missing}")
+    for t in meta["tasks"]:
+        if not isinstance(t, dict) or any(k not in t for k in TASK_KEYS):
+            raise PreparedDataError(f"{path}: task {t} lacks one of {list(TASK_KEYS)}")
     return meta
+
+
+def select_tasks(meta: dict, names: str | Sequence[str] | None = None, data_dir: str | Path | None = None
+                 ) -> list[dict]:
+    """The tasks of ``meta`` that ``names`` selects, in the order ``names`` gives them.
+
+    ``names`` is a comma-separated string (as ``--tasks`` takes it) or a list of task names;
+    None or empty selects every task, in meta order. The order matters: a task's position is
+    its language index k in training. Unknown or repeated names raise ``ValueError`` naming
+    them and the available tasks (of ``data_dir``, when given).
+    """
+    tasks = meta["tasks"]
+    if isinstance(names, str):
+        names = names.split(",")
+    wanted = [n.strip() for n in names or () if n.strip()]
+    if not wanted:
+        return list(tasks)
+    by_name = {t["name"]: t for t in tasks}
+    where = f"{data_dir} has" if data_dir is not None else "available:"
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; {where} {list(by_name)}")
+    repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+    if repeated:
+        # A repeated task would be two "languages" sharing one data set (twice the sampling weight).
+        raise ValueError(f"task(s) {repeated} selected more than once in {','.join(wanted)!r}")
+    return [by_name[n] for n in wanted]
+
+
+def spm_path(data_dir: str | Path) -> Path:
+    """Path of the SentencePiece model ``spm.model``; raises if it is missing."""
+    path = Path(data_dir) / "spm.model"
+    if not path.is_file():
+        raise PreparedDataError(f"missing {path}; run `python -m data_pipeline.prepare` to create it")
+    return path
 
 
 def split_prefix(data_dir: str | Path, pair: str, split: str, lang: str) -> Path:
@@ -138,9 +194,21 @@ def raw_path(data_dir: str | Path, pair: str, split: str, lang: str) -> Path:
 
 
 def load_raw(data_dir: str | Path, pair: str, split: str, lang: str) -> list[str]:
-    """Original dev/test lines (for BLEU references), split on ``\\n`` only."""
+    """Original dev/test lines (sources and BLEU references), byte-exact, split on ``\\n`` only.
+
+    Any other character (``\\r``, U+0085, U+2028, ...) stays inside its line, so the lines
+    align one to one with the binarized split and with the other side of the pair.
+    """
     path = raw_path(data_dir, pair, split, lang)
     if not path.is_file():
         raise PreparedDataError(f"missing {path}; only dev and test splits have raw text")
-    text = path.read_bytes().decode("utf-8")
-    return text.split("\n")[:-1] if text else []
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PreparedDataError(f"{path}: invalid UTF-8 at byte offset {e.start}; re-run data_pipeline.prepare"
+                                ) from None
+    lines = text.split("\n")
+    # prepare terminates every line; an unterminated last line (a hand-edited file) is still a line.
+    if lines[-1] == "":
+        lines.pop()
+    return lines

@@ -18,19 +18,14 @@ from megavac.tokens import source_ids, target_ids
 class MultilingualDataset:
     """All tasks of one split of a prepared data directory, memory-mapped."""
 
-    def __init__(self, data_dir: str, split: str, tasks: list[str] | None = None):
-        from data_pipeline.indexed import load_meta, open_split
+    def __init__(self, data_dir: str, split: str, tasks: str | list[str] | None = None):
+        """``tasks``: names (list or comma-separated, as ``--tasks``) in language-index order; None = all."""
+        from data_pipeline.indexed import load_meta, open_split, select_tasks
 
         self.meta = load_meta(data_dir)
         self.split = split
         self.pad_id, self.bos_id, self.eos_id = self.meta["pad_id"], self.meta["bos_id"], self.meta["eos_id"]
-        self.tasks = self.meta["tasks"]
-        if tasks:
-            known = {t["name"]: t for t in self.tasks}
-            unknown = [t for t in tasks if t not in known]
-            if unknown:
-                raise ValueError(f"unknown task(s) {unknown}; {data_dir} has {sorted(known)}")
-            self.tasks = [known[t] for t in tasks]
+        self.tasks = select_tasks(self.meta, tasks, data_dir)
         self.names = [t["name"] for t in self.tasks]
         self.src, self.tgt, self.src_len, self.tgt_len = [], [], [], []
         for t in self.tasks:

@@ -230,43 +230,38 @@ class Plan:
 
 def _data_info(data, plan: Plan) -> dict | None:
     """meta-like info: vocab_size, pad_id, task names, train sizes; None when unusable."""
-    from data_pipeline.indexed import load_meta
+    from data_pipeline.indexed import load_meta, select_tasks
 
     if data.data_dir:
-        path = Path(data.data_dir)
+        path, option, found = Path(data.data_dir), f"--data-dir {data.data_dir}", "meta.json found"
         if not path.is_dir():
-            plan.problems.append(f"--data-dir {data.data_dir} does not exist")
+            plan.problems.append(f"{option} does not exist")
             return None
-        try:
-            meta = load_meta(path)
-        except ValueError as e:
-            plan.problems.append(f"--data-dir {data.data_dir}: {e}")
-            return None
-        plan.add("paths", "data dir", f"{path} (meta.json found)")
     else:
-        prepared = Path(data.synthetic_dir) / "prepared"
-        if (prepared / "meta.json").is_file():
-            meta = load_meta(prepared)
-            plan.add("paths", "data dir", f"{prepared} (synthetic default, already prepared)")
-        else:
+        path = Path(data.synthetic_dir) / "prepared"
+        option, found = "synthetic default", "synthetic default, already prepared"
+        if not (path / "meta.json").is_file():
             from data_pipeline.default_corpus import SEED, VOCAB_SIZE
             from data_pipeline.synthetic import build_languages
 
             codes = sorted(lang.code for lang in build_languages(SEED))
-            plan.add("paths", "data dir", f"{prepared}: the synthetic corpus would be generated and prepared "
+            plan.add("paths", "data dir", f"{path}: the synthetic corpus would be generated and prepared "
                                           f"({len(codes)} languages, vocab {VOCAB_SIZE} requested)")
             plan.notes.append("synthetic corpus not prepared yet: vocab and task count are the generator's defaults")
             return {"vocab_size": VOCAB_SIZE, "pad_id": 0, "names": [f"en-{c}" for c in codes], "sizes": None}
-    names = [t["name"] for t in meta["tasks"]]
-    sizes = {t["name"]: meta["pairs"][t["pair"]]["train"] for t in meta["tasks"]}
-    wanted = [t for t in data.tasks.split(",") if t]
-    unknown = [t for t in wanted if t not in names]
-    if unknown:
-        plan.problems.append(f"--tasks names unknown task(s) {unknown}; the data has {names}")
-    elif wanted:
-        names = wanted
-    return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": names,
-            "sizes": [sizes[n] for n in names]}
+    try:  # a stale synthetic dir (older format) is a problem to report too, not a traceback
+        meta = load_meta(path)
+    except ValueError as e:
+        plan.problems.append(f"{option}: {e}")
+        return None
+    plan.add("paths", "data dir", f"{path} ({found})")
+    try:
+        tasks = select_tasks(meta, data.tasks, path)
+    except ValueError as e:
+        plan.problems.append(f"--tasks: {e}")
+        tasks = meta["tasks"]  # report the rest of the plan over all tasks
+    return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": [t["name"] for t in tasks],
+            "sizes": [meta["pairs"][t["pair"]]["train"] for t in tasks]}
 
 
 def _check_save_dir(train, plan: Plan) -> None:

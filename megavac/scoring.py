@@ -1,8 +1,8 @@
 """Translate a prepared data dir's dev/test sets and score them with sacrebleu, per direction.
 
-Reads ``<data_dir>/meta.json``, ``<data_dir>/spm.model`` and the raw text in
-``<data_dir>/raw/<pair>.<split>.<lang>``. Scores are corpus-level BLEU and chrF against the raw
-references (detokenised output, as sacrebleu expects), averaged per resource group (low /
+Reads ``<data_dir>/meta.json``, ``<data_dir>/spm.model`` and the raw dev/test text through
+:mod:`data_pipeline.indexed`, the one reader of a prepared data dir. Scores are corpus-level BLEU
+and chrF against the raw references (detokenised output, as sacrebleu expects), averaged per resource group (low /
 medium / high by training pairs, as in the CATS paper's OPUS-100 setup) and per direction.
 """
 from __future__ import annotations
@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
+from data_pipeline.indexed import load_meta, load_raw, raw_path, select_tasks, spm_path
 from megavac.generate import SearchConfig, translate
 from megavac.tokens import source_ids
 
 log = logging.getLogger(__name__)
 
-META_KEYS = ("vocab_size", "pad_id", "unk_id", "bos_id", "eos_id", "pairs", "tasks")
-TASK_KEYS = ("name", "pair", "src", "tgt", "tag_id")
 GROUPS = ("low", "medium", "high")
 
 # Base language codes (before any -/_ script or region suffix) written in Chinese characters.
@@ -35,45 +34,22 @@ FALLBACK_TOKENIZER = "char"  # flores200/spm would need a download, and we run o
 
 
 # ---------------------------------------------------------------- data dir
+# Read through data_pipeline.indexed only: the format check, the layout and the "\n"-only line
+# splitting that keeps references aligned live there, shared with training.
 
 
 def load_data_meta(data_dir) -> dict:
-    """``meta.json`` of a prepared data dir, checked for the keys evaluation needs."""
-    d = Path(data_dir)
-    f = d / "meta.json"
-    if not f.is_file():
-        raise ValueError(f"data dir {str(d)!r} has no meta.json (expected {str(f)!r})")
-    meta = json.loads(f.read_text())
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"{str(f)!r} lacks keys {missing}")
-    for t in meta["tasks"]:
-        if any(k not in t for k in TASK_KEYS):
-            raise ValueError(f"{str(f)!r}: task {t} lacks one of {list(TASK_KEYS)}")
-    if not (d / "spm.model").is_file():
-        raise ValueError(f"data dir {str(d)!r} has no spm.model")
+    """``meta.json`` of a prepared data dir (format and keys checked), which must also hold spm.model."""
+    meta = load_meta(data_dir)
+    spm_path(data_dir)
     return meta
-
-
-def select_tasks(meta: dict, names=None) -> list[dict]:
-    """Tasks named in ``names`` (comma string or list; None = all), in meta order."""
-    tasks = meta["tasks"]
-    if not names:
-        return list(tasks)
-    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    known = {t["name"] for t in tasks}
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; the data dir has {sorted(known)}")
-    return [t for t in tasks if t["name"] in wanted]
 
 
 def split_files(data_dir, task: dict, split: str) -> tuple[Path, Path, str]:
     """(source file, reference file, split actually used); a missing test set falls back to dev."""
-    raw = Path(data_dir) / "raw"
 
     def paths(s):
-        return raw / f"{task['pair']}.{s}.{task['src']}", raw / f"{task['pair']}.{s}.{task['tgt']}"
+        return raw_path(data_dir, task["pair"], s, task["src"]), raw_path(data_dir, task["pair"], s, task["tgt"])
 
     src, ref = paths(split)
     # data_pipeline writes no test files, or empty ones, for pairs that lack a test set.
@@ -91,9 +67,14 @@ def _nonempty(p: Path) -> bool:
     return p.is_file() and p.stat().st_size > 0
 
 
-def read_lines(path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+def task_lines(data_dir, task: dict, split: str) -> tuple[list[str], list[str], str]:
+    """(source lines, reference lines, split used) of one task, checked to align line for line."""
+    src_path, ref_path, split = split_files(data_dir, task, split)
+    src_lines = load_raw(data_dir, task["pair"], split, task["src"])
+    refs = load_raw(data_dir, task["pair"], split, task["tgt"])
+    if len(src_lines) != len(refs):
+        raise ValueError(f"{str(src_path)!r} has {len(src_lines)} lines but {str(ref_path)!r} has {len(refs)}")
+    return src_lines, refs, split
 
 
 # ---------------------------------------------------------------- metrics
@@ -263,22 +244,21 @@ def evaluate(model, data_dir, out_dir, tasks=None, opts: EvalOptions | None = No
         )
     # Special ids come from the data dir that built the vocabulary, not from defaults.
     search = replace(opts.search, bos_id=meta["bos_id"], eos_id=meta["eos_id"], pad_id=meta["pad_id"])
-    sp = spm.SentencePieceProcessor(model_file=str(Path(data_dir) / "spm.model"))
+    sp_file = spm_path(data_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
     if sp.get_piece_size() != meta["vocab_size"]:
-        raise ValueError(f"{str(Path(data_dir) / 'spm.model')!r} has {sp.get_piece_size()} pieces, "
+        raise ValueError(f"{str(sp_file)!r} has {sp.get_piece_size()} pieces, "
                          f"meta.json says vocab_size={meta['vocab_size']}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(opts.device)
 
     rows, skipped, signatures = {}, [], {"bleu": {}, "chrf": None}
-    for task in select_tasks(meta, tasks):
-        src_path, ref_path, split = split_files(data_dir, task, opts.split)
-        src_lines, refs = read_lines(src_path), read_lines(ref_path)
-        if len(src_lines) != len(refs):
-            raise ValueError(f"{str(src_path)!r} has {len(src_lines)} lines but {str(ref_path)!r} has {len(refs)}")
+    for task in select_tasks(meta, tasks, data_dir):
+        src_lines, refs, split = task_lines(data_dir, task, opts.split)
         if not src_lines:
-            log.warning("%s: %s is empty; skipping the task", task["name"], src_path)
+            log.warning("%s: %s is empty; skipping the task", task["name"],
+                        raw_path(data_dir, task["pair"], split, task["src"]))
             skipped.append(task["name"])
             continue
         sources = encode_sources(sp, src_lines, task, meta["eos_id"], model.cfg.max_positions)

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -360,6 +361,61 @@ def test_load_meta_missing_is_clear(tmp_path):
         load_meta(tmp_path)
     with pytest.raises(PreparedDataError, match=r"missing .*xa\.train\.en\.idx"):
         open_split(tmp_path, "xa", "train", "en")
+
+
+GOOD_META = {"format_version": 1, "vocab_size": 10, "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
+             "pairs": {"xa": {"train": 5}, "xb": {"train": 7}},
+             "tasks": [{"name": n, "pair": p, "src": s, "tgt": t, "tag_id": 4}
+                       for n, p, s, t in (("en-xa", "xa", "en", "xa"), ("xa-en", "xa", "xa", "en"),
+                                          ("en-xb", "xb", "en", "xb"))]}
+
+
+@pytest.mark.parametrize("text,message", [
+    (json.dumps({**GOOD_META, "format_version": 2}), "format_version 2 is not supported"),
+    (json.dumps({k: v for k, v in GOOD_META.items() if k != "format_version"}), "format_version None"),
+    ("[1, 2]", "format_version None"),
+    ('{"format_version": 1,', "is not valid JSON"),
+    (json.dumps({k: v for k, v in GOOD_META.items() if k != "eos_id"}), r"lacks keys \['eos_id'\]"),
+    (json.dumps({**GOOD_META, "tasks": [{"name": "en-xa"}]}), "task .* lacks one of"),
+])
+def test_load_meta_refuses_other_formats_naming_the_file(tmp_path, text, message):
+    (tmp_path / "meta.json").write_text(text, encoding="utf-8")
+    with pytest.raises(PreparedDataError, match=re.escape(str(tmp_path / "meta.json")) + f".*{message}"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps(GOOD_META), encoding="utf-8")
+    assert load_meta(tmp_path) == GOOD_META
+
+
+def test_load_raw_splits_on_newline_only(tmp_path):
+    # Every separator str.splitlines knows besides \n (and the \r text-mode open() translates) stays in its line.
+    lines = ["a\rb", "c\r", "\x85d", "e\u2028f\u2029g", "h\x0bi\x0cj", "k\x1cl\x1dm\x1e", "", "last"]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "xa.dev.en").write_bytes(("\n".join(lines)).encode("utf-8"))  # last line unterminated
+    assert load_raw(tmp_path, "xa", "dev", "en") == lines
+    (tmp_path / "raw" / "xa.dev.en").write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    assert load_raw(tmp_path, "xa", "dev", "en") == lines
+    (tmp_path / "raw" / "xa.dev.en").write_bytes(b"")
+    assert load_raw(tmp_path, "xa", "dev", "en") == []
+    (tmp_path / "raw" / "xa.dev.en").write_bytes(b"ok\n\xff\n")
+    with pytest.raises(PreparedDataError, match=r"xa\.dev\.en: invalid UTF-8 at byte offset 3"):
+        load_raw(tmp_path, "xa", "dev", "en")
+
+
+def test_select_tasks_keeps_the_given_order_and_names_bad_tasks():
+    from data_pipeline.indexed import select_tasks
+
+    def names(sel, **kw):
+        return [t["name"] for t in select_tasks(GOOD_META, sel, **kw)]
+
+    assert names(None) == names("") == names([]) == names(" , ") == ["en-xa", "xa-en", "en-xb"]
+    assert names("en-xb,en-xa") == names(["en-xb", "en-xa"]) == names(" en-xb , en-xa,") == ["en-xb", "en-xa"]
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['en-zz', 'xb-en'\]; available: "
+                                         r"\['en-xa', 'xa-en', 'en-xb'\]"):
+        names("en-xa,en-zz,xb-en")
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['en-zz'\]; /some/dir has"):
+        names(["en-zz"], data_dir="/some/dir")
+    with pytest.raises(ValueError, match=r"\['en-xa'\] selected more than once"):
+        names("en-xa,en-xb,en-xa")
 
 
 # --------------------------------------------------------------------------- SentencePiece sampling

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,10 @@ def test_select_tasks():
     assert len(select_tasks(meta, None)) == 2
     with pytest.raises(ValueError, match="en-xx"):
         select_tasks(meta, "en-de,en-xx")
+    # Evaluation and training share data_pipeline's selection: the same order, the same errors.
+    from data_pipeline import indexed
+
+    assert select_tasks is indexed.select_tasks
 
 
 def test_split_files_fall_back_to_dev(tmp_path, caplog):
@@ -191,6 +196,7 @@ def make_data_dir(d: Path) -> dict:
             for lang in ("en", pair):
                 (d / "raw" / f"{pair}.{split}.{lang}").write_text("\n".join(sentences(lang, 6, rng)) + "\n")
     meta = {
+        "format_version": 1,
         "vocab_size": sp.get_piece_size(), "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
         "langs": list(WORDS),
         "pairs": {p: {"train": n, "train_raw": n, "dev": 6, "test": 6, "filtered": 0} for p, n in PAIRS.items()},
@@ -235,3 +241,63 @@ def test_evaluate_cli_end_to_end(tmp_path):
     assert "no test set for en-ja" in res.stderr
     if ja_tok == "char":
         assert "WARNING" in res.stderr and "'ja'" in res.stderr and "'char'" in res.stderr
+
+
+def tiny_model(meta: dict):
+    from megavac.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=meta["vocab_size"], d_model=16, n_heads=2, enc_layers=1, dec_layers=1, d_ff=32,
+                      max_positions=64, pad_id=meta["pad_id"])
+    return Transformer(cfg).eval()
+
+
+def quick_opts():
+    from megavac.generate import SearchConfig
+    from megavac.scoring import EvalOptions
+
+    return EvalOptions(split="test", max_tokens=200, device="cpu",
+                       search=SearchConfig(beam=1, max_len_a=0, max_len_b=3))
+
+
+def test_reference_lines_keep_cr_and_unicode_line_separators(tmp_path):
+    """Raw text splits on "\\n" only: a line holding \\r, U+0085, U+2028, ... is one sentence, as in prepare."""
+    from megavac.scoring import evaluate, task_lines
+
+    data = tmp_path / "data"
+    meta = make_data_dir(data)
+    odd = ["the cat\rruns", "the dog\x85sees", "big\u2028tree", "red\u2029water", "small\x0bhouse\x0cgreen",
+           "the\x1cend"]
+    (data / "raw" / "de.test.de").write_bytes("".join(s + "\n" for s in odd).encode("utf-8"))
+    (data / "raw" / "de.test.en").write_bytes("".join(s + "\n" for s in reversed(odd)).encode("utf-8"))
+    task = next(t for t in meta["tasks"] if t["name"] == "en-de")
+    src, refs, split = task_lines(data, task, "test")
+    assert (refs, src, split) == (odd, odd[::-1], "test")
+
+    r = evaluate(tiny_model(meta), data, tmp_path / "eval", "en-de", quick_opts())
+    assert r["tasks"]["en-de"]["n"] == 6 and r["tasks"]["en-de"]["split"] == "test"
+
+
+def test_evaluate_refuses_unknown_tasks_and_foreign_data_dirs(tmp_path):
+    from megavac.scoring import evaluate
+
+    data = tmp_path / "data"
+    meta = make_data_dir(data)
+    model = tiny_model(meta)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['en-xx'\].*en-de"):
+        evaluate(model, data, tmp_path / "eval", "en-de,en-xx", quick_opts())
+    # Order of --tasks is kept, as in training.
+    r = evaluate(model, data, tmp_path / "eval", " en-zh,en-de ", quick_opts())
+    assert list(r["tasks"]) == ["en-zh", "en-de"]
+
+    meta_file = data / "meta.json"
+    meta_file.write_text(json.dumps({**meta, "format_version": 2}))
+    with pytest.raises(ValueError, match=r"meta\.json: format_version 2 is not supported"):
+        evaluate(model, data, tmp_path / "eval", None, quick_opts())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "format_version"}))
+    with pytest.raises(ValueError, match=re.escape(str(meta_file)) + ": format_version None"):
+        evaluate(model, data, tmp_path / "eval", None, quick_opts())
+    meta_file.write_text(json.dumps(meta))
+    (data / "spm.model").unlink()
+    with pytest.raises(ValueError, match=r"missing .*spm\.model"):
+        evaluate(model, data, tmp_path / "eval", None, quick_opts())
