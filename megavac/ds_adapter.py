@@ -1,4 +1,4 @@
-"""The one module that touches DeepSpeed's private ZeRO internals (pinned to deepspeed 0.19.8).
+"""The one module that touches DeepSpeed's private internals (pinned to deepspeed 0.19.8).
 
 What the per-language step needs from DeepSpeed, and nothing more (DESIGN.md §3–4):
 
@@ -32,10 +32,15 @@ graph (``snapshot_backward_hooks`` / ``rearm_backward_hooks``); the engine's bou
 through ``engine._is_gradient_accumulation_boundary``. Every attribute is fetched through ``_attr``,
 which names it in a ``DeepSpeedInternalsError`` when it moved.
 
-Refused, with the reason: ZeRO stage 0 (no partition: plain data-parallel gradients), CPU/NVMe
-optimizer offload (the slice is copied to the host during the backward), and bf16 + ZeRO-1 + fp32
-gradient accumulation (DeepSpeed silently switches to ``BF16_Optimizer``, whose gradients are full and
-replicated rather than a partition).
+Refused, with the reason, by ``per_language_refusals`` from the DeepSpeed config dict (the trainer
+through ``grad_partition``, the dry run through megavac/plan.py): ZeRO stage 0 (no partition: plain
+data-parallel gradients), CPU/NVMe optimizer offload (the reduced gradient is kept in host memory),
+bf16 + ZeRO-1 + fp32 gradient accumulation (DeepSpeed silently switches to ``BF16_Optimizer``, whose
+gradients are full and replicated rather than a partition), and, under pipeline parallelism,
+ZeRO-1 with ``overlap_comm`` (it reduces inside the backward, before each language is read).
+
+Pipeline modules: ``detach_tied_weight_broadcast`` re-wraps the tied weights of a ``PipelineModule``
+(its ``tied_modules``, with DeepSpeed's ``ds_*`` marks) for megavac/pipeline.py.
 
 Element layout. The local vector concatenates DeepSpeed's groups (ZeRO-1/2) in order; ``segments`` lists
 (start, numel, parameter index) of every parameter fragment in it, in ``engine.module.named_parameters()``
@@ -483,39 +488,131 @@ def is_pipeline_engine(engine) -> bool:
     return isinstance(engine, PipelineEngine)
 
 
+# ------------------------------------------------------------------ what a config dict makes of DeepSpeed
+
+
+def _zero_config(ds_config: dict):
+    """DeepSpeed's own reading of ``zero_optimization`` (its defaults resolved: overlap_comm is on for
+    ZeRO-3 only, the deprecated cpu_offload becomes offload_optimizer)."""
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    return get_zero_config(ds_config)
+
+
+def grad_accum_dtype(ds_config: dict) -> str:
+    """'fp32', 'fp16' or 'bf16': the dtype DeepSpeed accumulates gradients in, i.e.
+    data_types.grad_accum_dtype (any spelling DeepSpeed accepts), else the model's precision."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    from megavac.config import precision_of
+
+    raw = (ds_config.get("data_types") or {}).get("grad_accum_dtype")
+    if raw is None:
+        return precision_of(ds_config)
+    try:
+        name = DtypeEnum(raw).name
+    except ValueError:
+        name = None
+    if name not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"data_types.grad_accum_dtype {raw!r} is not one of fp32, fp16, bf16")
+    return name
+
+
+def offload_optimizer_device(ds_config: dict) -> str:
+    """'none', 'cpu' or 'nvme': where DeepSpeed keeps the optimizer (zero_optimization.offload_optimizer)."""
+    off = _zero_config(ds_config).offload_optimizer
+    return "none" if off is None else str(off.device)
+
+
+def per_language_refusals(ds_config: dict, pipeline: bool) -> list[str]:
+    """Why the per-language gradient step cannot run under ``ds_config`` (the merged DeepSpeed config
+    dict), one sentence per refused setting, each naming it; empty when it can. ``pipeline``: the run
+    uses DeepSpeed's pipeline engine. The trainer (``grad_partition``) and the dry run both ask here."""
+    from megavac.config import precision_of
+
+    zero = _zero_config(ds_config)
+    stage = int(zero.stage)
+    precision, accum = precision_of(ds_config), grad_accum_dtype(ds_config)
+    offload = offload_optimizer_device(ds_config)
+    out = []
+    if stage == 0:
+        out.append(f"per-language gradient methods need ZeRO stage {'1' if pipeline else '1, 2 or 3'}, got ZeRO "
+                   "stage 0 (zero_optimization.stage=0): without ZeRO there is no gradient partition to read")
+    if offload != "none":
+        out.append(f"per-language gradient methods do not support zero_optimization.offload_optimizer.device="
+                   f"{offload!r}: with optimizer offload DeepSpeed keeps the reduced gradient in host memory")
+    # DeepSpeed's own switch (engine._do_optimizer_sanity_check): bf16 parameters, fp32 accumulation and
+    # ZeRO-1 without CPU offload select BF16_Optimizer instead of the ZeRO optimizer.
+    if stage == 1 and precision == "bf16" and accum == "fp32" and offload != "cpu":
+        fix = ("use fp32, fp16, or bf16 without data_types.grad_accum_dtype" if pipeline else
+               "use ZeRO-2 (exact with grad_accum_dtype fp32), or ZeRO-1 without data_types.grad_accum_dtype")
+        out.append("per-language gradient methods with bf16 + ZeRO stage 1 + grad_accum_dtype fp32: DeepSpeed then "
+                   "uses BF16_Optimizer, whose gradients are full and replicated rather than a ZeRO partition; "
+                   + fix)
+    # The pipeline adapter reads each stage's param.grad before ReduceGrads; with overlap_comm ZeRO-1 hooks
+    # the reduction into the backward itself.
+    if pipeline and stage == 1 and zero.overlap_comm:
+        out.append("per-language gradients under pipeline parallelism need zero_optimization.overlap_comm false "
+                   "(true given): with it ZeRO-1 reduces inside the backward, before each language is read")
+    return out
+
+
+def engine_ds_config(engine) -> dict:
+    """The config dict ``engine`` was built from: deepspeed.initialize loads a path or base64 config into
+    a dict and keeps it as ``engine.config`` (DeepSpeedConfig parses a copy of it)."""
+    cfg = _attr(engine, "config", "the engine's DeepSpeed config dict")
+    if not isinstance(cfg, dict):
+        raise DeepSpeedInternalsError(f"engine.config is a {type(cfg).__name__}, not the DeepSpeed config dict")
+    return cfg
+
+
 def grad_partition(engine) -> GradPartition:
     """The adapter for ``engine`` (a DeepSpeedEngine); ValueError for configurations it cannot serve."""
     check_version()
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
+    pipeline = is_pipeline_engine(engine)
+    refusals = per_language_refusals(engine_ds_config(engine), pipeline)
+    if refusals:
+        raise ValueError("; ".join(refusals))
     stage = int(engine.zero_optimization_stage())
-    if stage == 0:
-        raise ValueError("per-language gradient methods need ZeRO stage 1, 2 or 3 (zero_optimization.stage=0 given)")
-    if is_pipeline_engine(engine):
-        if isinstance(engine.optimizer, BF16_Optimizer):
-            raise ValueError(
-                "per-language gradients under pipeline parallelism need DeepSpeed's ZeRO-1 optimizer; this config "
-                "(bf16 + ZeRO-1 + grad_accum_dtype fp32) makes DeepSpeed use BF16_Optimizer: "
-                "use fp32, fp16, or bf16 without data_types.grad_accum_dtype")
-        if stage == 1 and engine.zero_overlap_comm():
-            raise ValueError("per-language gradients under pipeline parallelism need zero_optimization.overlap_comm "
-                             "false: with it ZeRO-1 reduces inside the backward, before each language is read")
+    # Defence: the rules above predict DeepSpeed's choices from the dict; if a DeepSpeed update makes them
+    # wrong, the partition would be read from the wrong place.
+    if stage == 0 or isinstance(engine.optimizer, BF16_Optimizer):
+        raise DeepSpeedInternalsError(
+            f"deepspeed {DEEPSPEED_VERSION}: ZeRO stage {stage} with {type(engine.optimizer).__name__} for a config "
+            "per_language_refusals accepts: its optimizer selection changed")
+    if pipeline:
         if not hasattr(engine.module, "plain_name"):
             raise ValueError("per-language gradients under pipeline parallelism need megavac's TransformerPipe "
                              "(megavac.pipeline.make_pipeline_module)")
         return _PipelinePartition(engine)
-    if isinstance(engine.optimizer, BF16_Optimizer):
-        raise ValueError(
-            "per-language gradients need a ZeRO gradient partition, but this config (bf16 + ZeRO-1 + "
-            "data_types.grad_accum_dtype=fp32) makes DeepSpeed use BF16_Optimizer with full replicated "
-            "gradients: use ZeRO-2 with grad_accum_dtype fp32 (exact), or ZeRO-1 without grad_accum_dtype")
-    if stage == 0:
-        raise ValueError("per-language gradient methods need ZeRO stage 1, 2 or 3 (zero_optimization.stage=0 given)")
-    if engine.zero_cpu_offload() or getattr(engine, "zero_nvme_offload_optimizer", lambda: False)():
-        raise ValueError("per-language gradient methods do not support zero_optimization.offload_optimizer: "
-                         "the partition is copied to the host during the backward")
     if stage in (1, 2):
         return _Zero12Partition(engine)
     if stage == 3:
         return _Zero3Partition(engine)
     raise ValueError(f"unsupported zero_optimization.stage={stage}")
+
+
+# ------------------------------------------------------------------ pipeline modules
+
+
+def detach_tied_weight_broadcast(pipe) -> None:
+    """Re-wrap each tied weight of the ``PipelineModule`` ``pipe`` as a fresh Parameter on the same storage.
+
+    DeepSpeed synchronises tied weights with an in-place broadcast outside no_grad, which leaves an
+    autograd node without a backward kernel on the parameter: every backward then warns "c10d::
+    broadcast_: an autograd kernel was not registered" (the gradient itself is right). A fresh Parameter
+    drops that node; DeepSpeed looks the weight up by attribute each time, and its ds_* marks (which copy
+    counts for the norm) carry over. Call before deepspeed.initialize, which collects the parameters.
+    """
+    tied = _attr(pipe, "tied_modules", "PipelineModule's tied modules")
+    names = _attr(pipe, "tied_weight_attrs", "PipelineModule's tied weight names")
+    for key, module in tied.items():
+        for name in names[key]:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            old = getattr(owner, leaf)
+            new = torch.nn.Parameter(old.detach(), requires_grad=old.requires_grad)
+            new.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("ds_")})
+            setattr(owner, leaf, new)

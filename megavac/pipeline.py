@@ -118,7 +118,17 @@ def plain_prefix(cfg: ModelConfig, idx: int) -> str:
 
 
 def num_layers(cfg: ModelConfig) -> int:
-    return cfg.enc_layers + cfg.dec_layers + 4
+    """The pipeline's layer specs (the table above): DeepSpeed cuts stages between specs, so this is also
+    the most pipeline stages the model allows."""
+    return len(layer_specs(cfg))
+
+
+def check_stages(cfg: ModelConfig, num_stages: int) -> None:
+    """ValueError unless the model can be cut into ``num_stages`` pipeline stages."""
+    if num_stages > num_layers(cfg):
+        raise ValueError(f"--pipeline-stages {num_stages} exceeds the model's {num_layers(cfg)} pipeline layers "
+                         f"({cfg.enc_layers} encoder + {cfg.dec_layers} decoder layers, the embedding, the output "
+                         "projection and the two final norms)")
 
 
 _PIPE_NAME = re.compile(r"^(\d+)\.(.*)$")
@@ -158,6 +168,8 @@ def make_pipeline_module(cfg: ModelConfig, num_stages: int, loss_fn: "PipelineLo
     ``torch.distributed`` initialised; the world size must be a multiple of ``num_stages``."""
     from deepspeed.pipe import PipelineModule
 
+    from megavac.ds_adapter import detach_tied_weight_broadcast
+
     class TransformerPipe(PipelineModule):
         def plain_name(self, name: str) -> str:
             return plain_name(cfg, name)
@@ -181,20 +193,10 @@ def make_pipeline_module(cfg: ModelConfig, num_stages: int, loss_fn: "PipelineLo
                     raise ValueError(f"plain state dict lacks {n!r}")
                 p.copy_(state[n])
 
-    if num_layers(cfg) < num_stages:
-        raise ValueError(f"--pipeline-stages {num_stages} exceeds the model's {num_layers(cfg)} pipeline layers")
+    check_stages(cfg, num_stages)
     pipe = TransformerPipe(layers=layer_specs(cfg), num_stages=num_stages, loss_fn=loss_fn,
                            partition_method="parameters", dynamic_shape=True)
-    # DeepSpeed synchronises the tied embedding with an in-place broadcast outside no_grad, which leaves
-    # an autograd node without a backward kernel on the parameter: every backward then warns "c10d::
-    # broadcast_: an autograd kernel was not registered" (the gradient itself is right). A fresh
-    # Parameter on the same storage drops that node; DeepSpeed looks the weight up by attribute each
-    # time, and its ds_* marks (which copy counts for the norm) carry over.
-    for key, module in pipe.tied_modules.items():
-        old = module.embed.weight
-        new = nn.Parameter(old.detach(), requires_grad=old.requires_grad)
-        new.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("ds_")})
-        module.embed.weight = new
+    detach_tied_weight_broadcast(pipe)  # no "autograd kernel was not registered" warning on every backward
     return pipe
 
 

@@ -54,9 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 2**30
-METHODS = ("monolithic", "pcgrad", "gradvac", "cats", "mgda", "gradnorm")
-GRANULARITIES = ("whole_model", "enc_dec", "all_layer", "all_matrix")
-CATS_DEFAULT_LANGS_PER_BATCH = 8
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -86,59 +83,64 @@ def default_world_size(env: dict | None = None) -> int:
 # ------------------------------------------------------------------------------------- checks
 
 
-def check_parallelism(world: int, stages: int, zero_stage: int, num_layers: int) -> int:
-    """Validate world size × pipeline stages × ZeRO stage; returns the data-parallel degree."""
+def check_parallelism(world: int, stages: int) -> int:
+    """Validate world size × pipeline stages; returns the data-parallel degree. (How many stages the model
+    allows is megavac.pipeline.check_stages's rule, the ZeRO stage under a pipeline merge_ds_config's.)"""
     if world < 1:
         raise ValueError(f"--world-size must be >= 1, got {world}")
     if stages < 1:
         raise ValueError(f"--pipeline-stages must be >= 1, got {stages}")
     if world % stages:
         raise ValueError(f"world size {world} is not divisible by --pipeline-stages {stages}")
-    if stages > num_layers:
-        raise ValueError(f"--pipeline-stages {stages} exceeds the model's {num_layers} layers")
-    if stages > 1 and zero_stage > 1:
-        raise ValueError(f"--pipeline-stages {stages} with ZeRO stage {zero_stage}: DeepSpeed's pipeline engine "
-                         "supports ZeRO stage 0 or 1 only")
     return world // stages
 
 
-def grad_accum_dtype(ds: dict) -> str:
-    """The gradient-accumulation dtype DeepSpeed uses: data_types.grad_accum_dtype, else the model dtype."""
-    from megavac.config import precision_of
+def method_class(method):
+    """The ``megavac.methods`` class of ``--method``; ValueError naming an unknown one."""
+    from megavac.methods import METHODS
 
-    raw = (ds.get("data_types") or {}).get("grad_accum_dtype")
-    if raw is None:
-        return precision_of(ds)
-    names = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
-             "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
-             "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16"}
-    if str(raw) not in names:
-        raise ValueError(f"data_types.grad_accum_dtype {raw!r} is not one of fp32, fp16, bf16")
-    return names[str(raw)]
-
-
-def offload_optimizer_device(ds: dict) -> str:
-    off = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    return str(off.get("device", "none")).lower() if isinstance(off, dict) else "none"
-
-
-def check_method(method, zero_stage: int, precision: str, accum: str, offload: str) -> None:
-    """The configurations megavac/ds_adapter.py refuses for per-language gradient methods."""
     if method.method not in METHODS:
         raise ValueError(f"--method {method.method!r} is not one of {list(METHODS)}")
-    if method.granularity not in GRANULARITIES:
+    return METHODS[method.method]
+
+
+def granularity_of(method) -> str:
+    """``--granularity``, None meaning the method's own default."""
+    g = method.granularity
+    return getattr(method_class(method), "default_granularity", "all_layer") if g is None else g
+
+
+def default_langs_per_batch(method) -> int | None:
+    """Languages per batch the method draws when ``--langs-per-batch`` is not given; None: all (also for an
+    unknown ``--method``, which check_method reports)."""
+    from megavac.methods import METHODS
+
+    cls = METHODS.get(method.method)
+    if cls is None:
+        return None
+    if hasattr(cls, "default_langs_per_batch"):
+        return cls.default_langs_per_batch
+    # Method classes without the class attribute keep the default in their constructor (CATS).
+    import inspect
+
+    param = inspect.signature(cls.__init__).parameters.get("langs_per_batch")
+    return param.default if param is not None and isinstance(param.default, int) else None
+
+
+def check_method(method, ds: dict, pipeline: bool) -> None:
+    """The method and granularity exist, and the merged DeepSpeed config ``ds`` is one the per-language
+    step serves (megavac.ds_adapter.per_language_refusals; any setting for ``monolithic``)."""
+    from megavac.ds_adapter import per_language_refusals
+    from megavac.pergrad import GRANULARITIES
+
+    method_class(method)
+    if granularity_of(method) not in GRANULARITIES:
         raise ValueError(f"--granularity {method.granularity!r} is not one of {list(GRANULARITIES)}")
     if method.method == "monolithic":
         return
-    if zero_stage == 0:
-        raise ValueError(f"--method {method.method} needs ZeRO stage 1, 2 or 3 (ZeRO stage 0 given)")
-    if precision == "bf16" and zero_stage == 1 and accum == "fp32" and offload == "none":
-        raise ValueError(f"--method {method.method} with bf16 + ZeRO stage 1 + grad_accum_dtype fp32: DeepSpeed "
-                         "uses BF16_Optimizer (full replicated gradients, no partition); use ZeRO-2, or ZeRO-1 "
-                         "without data_types.grad_accum_dtype")
-    if offload not in ("none", ""):
-        raise ValueError(f"--method {method.method} with zero_optimization.offload_optimizer.device={offload!r}: "
-                         "optimizer offload is not supported by per-language gradient methods")
+    refusals = per_language_refusals(ds, pipeline)
+    if refusals:
+        raise ValueError(f"--method {method.method}: " + "; ".join(refusals))
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -316,6 +318,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     import torch
 
     from megavac.config import model_config, precision_of
+    from megavac.ds_adapter import grad_accum_dtype, offload_optimizer_device
     from megavac.model import Transformer
 
     plan = Plan()
@@ -335,7 +338,6 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     params = model.num_parameters()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     embed = model.embed.weight.numel()
-    num_layers = mcfg.enc_layers + mcfg.dec_layers
 
     # Parallelism, then the ds_config merged for the data-parallel degree (DeepSpeed's train_batch_size).
     ds0 = None
@@ -345,8 +347,6 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         ds0 = load_ds_config(ds_config_path)
     except ValueError as e:
         plan.problems.append(str(e))
-    zero_stage = train.zero_stage if train.zero_stage is not None else \
-        int(((ds0 or {}).get("zero_optimization") or {}).get("stage", 0))
     try:
         from megavac.config import pipeline_stages as resolve_stages
 
@@ -355,10 +355,16 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         plan.problems.append(str(e))
         pipeline_stages = 1
     try:
-        dp = check_parallelism(world, pipeline_stages, zero_stage, num_layers)
+        dp = check_parallelism(world, pipeline_stages)
     except ValueError as e:
         plan.problems.append(str(e))
         dp = max(1, world // max(1, pipeline_stages))
+    try:
+        from megavac.pipeline import check_stages
+
+        check_stages(mcfg, pipeline_stages)
+    except ValueError as e:
+        plan.problems.append(str(e))
     ds = _ds_config(ds_config_path, train, dp * pipeline_stages, plan) if ds0 is not None else None
 
     plan.add("parallelism", "world size", world)
@@ -402,7 +408,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         accum = "fp32"
     offload = offload_optimizer_device(ds)
     try:
-        check_method(method, zero_stage, precision, accum, offload)
+        check_method(method, ds, pipeline_stages > 1)
     except ValueError as e:
         plan.problems.append(str(e))
 
@@ -418,7 +424,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     extra = 0.0
     if method.method != "monolithic":
         K = len(info["names"]) if info else 0
-        per_batch = method.langs_per_batch or (CATS_DEFAULT_LANGS_PER_BATCH if method.method == "cats" else K)
+        per_batch = method.langs_per_batch or default_langs_per_batch(method) or K
         # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K tasks.
         # Under pipeline parallelism a row is the stage's whole local gradient (ZeRO-1 partitions only the
         # optimizer state there), and each language's rows form their own micro-batch: no extra backward.

@@ -77,6 +77,17 @@ def test_private_internals_the_adapter_uses_still_exist():
     assert {"start", "numel"} <= set(tensor_fragment.fragment_address.__dataclass_fields__)
     assert {"lp_fragment_address", "hp_fragment_address"} <= set(tensor_fragment.tensor_fragment.__dataclass_fields__)
 
+    # per_language_refusals restates from the config dict what the engine decides; grad_partition reads
+    # that dict back as engine.config, and the tied weights through the PipelineModule's own attributes.
+    assert "self.config = config" in inspect.getsource(eng.__init__)
+    sanity = inspect.getsource(eng._do_optimizer_sanity_check)
+    assert "model_dtype == torch.bfloat16 and grad_accum_dtype == torch.float32" in sanity and "== 1" in sanity, (
+        "DeepSpeed's BF16_Optimizer selection changed: re-check per_language_refusals")
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    pipe_init = inspect.getsource(PipelineModule)
+    assert "self.tied_modules" in pipe_init and "self.tied_weight_attrs" in pipe_init
+
 
 def _fake_engine(stage: int, optimizer) -> SimpleNamespace:
     module = torch.nn.Linear(2, 2)
@@ -92,6 +103,80 @@ def test_missing_internal_is_named():
         _Zero12Partition(_fake_engine(2, opt))
     with pytest.raises(DeepSpeedInternalsError, match="grad_partitions_flat_buffer"):
         _Zero3Partition(_fake_engine(3, SimpleNamespace()))
+
+
+def _ds(stage, precision="fp32", accum=None, **zero):
+    ds = {"zero_optimization": {"stage": stage, **zero}}
+    if precision != "fp32":
+        ds[precision] = {"enabled": True}
+    if accum:
+        ds["data_types"] = {"grad_accum_dtype": accum}
+    return ds
+
+
+@pytest.mark.parametrize("ds,pipeline,expected", [
+    (_ds(1), False, []),
+    (_ds(2, "bf16", "fp32"), False, []),
+    (_ds(3, "bf16", "fp32"), False, []),  # ZeRO-3's default overlap_comm is no pipeline concern
+    (_ds(1, "bf16"), True, []),
+    (_ds(1, overlap_comm=True), False, []),  # ZeRO-1 reduces only at the boundary backward it is read after
+    (_ds(0), False, ["ZeRO stage 1, 2 or 3, got ZeRO stage 0 (zero_optimization.stage=0)"]),
+    (_ds(0), True, ["ZeRO stage 1, got ZeRO stage 0"]),
+    (_ds(2, offload_optimizer={"device": "cpu"}), False, ["offload_optimizer.device='cpu'"]),
+    (_ds(2, cpu_offload=True), False, ["offload_optimizer.device='cpu'"]),  # DeepSpeed's deprecated spelling
+    (_ds(1, "bf16", "float"), False, ["bf16 + ZeRO stage 1 + grad_accum_dtype fp32: DeepSpeed then uses "
+                                      "BF16_Optimizer"]),
+    (_ds(1, "bf16", "fp32"), True, ["BF16_Optimizer"]),
+    (_ds(1, overlap_comm=True), True, ["zero_optimization.overlap_comm false (true given)"]),
+    # With CPU offload DeepSpeed keeps its ZeRO optimizer (no BF16_Optimizer), with NVMe offload it does not.
+    (_ds(1, "bf16", "fp32", offload_optimizer={"device": "cpu"}), False, ["device='cpu'"]),
+    (_ds(1, "bf16", "fp32", offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), False,
+     ["device='nvme'", "BF16_Optimizer"]),
+])
+def test_per_language_refusals_from_the_config_dict(ds, pipeline, expected):
+    """One sentence per refused setting, in a fixed order; nothing for the configurations served."""
+    from megavac.ds_adapter import per_language_refusals
+
+    got = per_language_refusals(ds, pipeline)
+    assert len(got) == len(expected) and all(e in g for e, g in zip(expected, got)), got
+
+
+def test_grad_partition_refuses_with_the_same_reasons():
+    """The engine's own config dict (engine.config) goes through per_language_refusals before any internal
+    is touched."""
+    from megavac.ds_adapter import grad_partition, per_language_refusals
+
+    for ds in (_ds(0), _ds(1, "bf16", "fp32"), _ds(2, offload_optimizer={"device": "cpu"})):
+        engine = _fake_engine(int(ds["zero_optimization"]["stage"]), SimpleNamespace())
+        engine.config = ds
+        with pytest.raises(ValueError) as e:
+            grad_partition(engine)
+        assert str(e.value) == "; ".join(per_language_refusals(ds, pipeline=False))
+
+
+def test_grad_accum_dtype_spellings():
+    from megavac.ds_adapter import grad_accum_dtype
+
+    assert grad_accum_dtype(_ds(2, "bf16")) == "bf16"
+    assert grad_accum_dtype(_ds(2, "bf16", "torch.float32")) == "fp32"
+    assert grad_accum_dtype(_ds(2, "fp16", "half")) == "fp16"
+    with pytest.raises(ValueError, match="data_types.grad_accum_dtype 'int8' is not one of fp32, fp16, bf16"):
+        grad_accum_dtype(_ds(2, accum="int8"))
+
+
+def test_detach_tied_weight_broadcast_keeps_storage_and_ds_marks():
+    from megavac.ds_adapter import detach_tied_weight_broadcast
+
+    tied = torch.nn.Module()
+    tied.embed = torch.nn.Embedding(5, 3)
+    old = tied.embed.weight
+    old.ds_pipe_replicated = True
+    pipe = SimpleNamespace(tied_modules=torch.nn.ModuleDict({"embed": tied}),
+                           tied_weight_attrs={"embed": ["embed.weight"]})
+    detach_tied_weight_broadcast(pipe)
+    new = tied.embed.weight
+    assert new is not old and isinstance(new, torch.nn.Parameter) and new.is_leaf and new.requires_grad
+    assert new.data_ptr() == old.data_ptr() and new.ds_pipe_replicated is True
 
 
 def _check(results):

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, deepspeed_cmd, run, train_losses
 from megavac.config import TrainConfig, merge_ds_config
 from megavac.model import ModelConfig, Transformer
-from megavac.pipeline import num_layers, plain_name, plain_prefix
+from megavac.pipeline import check_stages, layer_specs, num_layers, plain_name, plain_prefix
 
 COMMON = ["--model", "tiny", "--max-tokens", "1024", "--lr", "2e-3", "--warmup-steps", "4", "--log-interval", "1",
           "--lang-log-interval", "4", "--valid-max-tokens", "2048", "--grad-accum", "2"]
@@ -42,6 +42,16 @@ def test_every_plain_parameter_has_exactly_one_pipeline_layer(pre_ln):
     assert plain_name(cfg, "6.cross_attn.fn.kv.bias") == "decoder.2.cross_attn.fn.kv.bias"
     with pytest.raises(ValueError, match="'embed.weight'"):
         plain_name(cfg, "embed.weight")
+
+
+def test_stage_limit_is_the_layer_spec_count():
+    """DeepSpeed cuts stages between layer specs: every spec may be a stage of its own, one more may not
+    (the dry run asks check_stages too)."""
+    cfg = ModelConfig(vocab_size=30, d_model=8, n_heads=2, enc_layers=2, dec_layers=3, d_ff=16)
+    assert num_layers(cfg) == len(layer_specs(cfg)) == 2 + 3 + 4
+    check_stages(cfg, 9)
+    with pytest.raises(ValueError, match=r"--pipeline-stages 10 exceeds the model's 9 pipeline layers"):
+        check_stages(cfg, 10)
 
 
 def test_pipeline_config_is_checked_and_merged():

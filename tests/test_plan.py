@@ -122,17 +122,20 @@ def test_per_language_slices(tmp_path):
     assert "pergrad_bytes" not in _plan(tmp_path, world_size=4).numbers
     cats = _plan(tmp_path, method=MethodConfig(method="cats", langs_per_batch=3), ds="zero2.json", world_size=4)
     assert cats.numbers["pergrad_bytes"] == pytest.approx(3 * P / 4 * 4)  # only the languages present
+    # Without --langs-per-batch CATS draws its own default (megavac.methods owns it: 8 of the 28 languages).
+    cats = _plan(tmp_path, method=MethodConfig(method="cats"), ds="zero2.json", world_size=4)
+    assert plan.default_langs_per_batch(MethodConfig(method="cats")) == 8
+    assert cats.numbers["pergrad_bytes"] == pytest.approx(8 * P / 4 * 4)
 
 
-@pytest.mark.parametrize("world,stages,zero,match", [
-    (8, 3, 1, r"world size 8 .*--pipeline-stages 3"),
-    (8, 2, 2, r"--pipeline-stages 2 with ZeRO stage 2"),
-    (16, 16, 1, r"--pipeline-stages 16 exceeds the model's 12 layers"),
-    (0, 1, 1, r"--world-size must be >= 1, got 0"),
+@pytest.mark.parametrize("world,stages,match", [
+    (8, 3, r"world size 8 .*--pipeline-stages 3"),
+    (0, 1, r"--world-size must be >= 1, got 0"),
+    (4, 0, r"--pipeline-stages must be >= 1, got 0"),
 ])
-def test_bad_parallelism_raises_naming_values(world, stages, zero, match):
+def test_bad_parallelism_raises_naming_values(world, stages, match):
     with pytest.raises(ValueError, match=match):
-        plan.check_parallelism(world, stages, zero, num_layers=12)
+        plan.check_parallelism(world, stages)
 
 
 def test_bad_combination_in_the_plan(tmp_path):
@@ -141,7 +144,48 @@ def test_bad_combination_in_the_plan(tmp_path):
     assert not p.ok
     with pytest.raises(ValueError, match=r"--pipeline-stages 2 with ZeRO stage 3"):
         p.raise_if_problems()
-    assert plan.check_parallelism(8, 2, 1, 12) == 4
+    assert plan.check_parallelism(8, 2) == 4
+
+
+def test_zero2_under_a_pipeline_is_reported_once(tmp_path):
+    p = _plan(tmp_path, ds="pipeline.json", world_size=4, train=TrainConfig(save_dir=str(tmp_path / "run"), zero_stage=2))
+    assert [x for x in p.problems if "ZeRO stage 2" in x] == [p.problems[0]] and len(p.problems) == 1, p.problems
+
+
+def test_pipeline_stages_up_to_the_pipeline_modules_layer_count(tmp_path):
+    """The limit is megavac.pipeline's layer specs (base: 6 + 6 layers, embedding, output, two final norms =
+    16), not the 12 Transformer layers: what training accepts, the dry run accepts."""
+    from megavac.pipeline import layer_specs
+
+    train = dict(save_dir=str(tmp_path / "run"), model="base")
+    specs = len(layer_specs(model_config(TrainConfig(**train), 64000, 0)))
+    assert specs == 16
+    for stages in (13, specs):  # enc + dec + 1, and the spec count itself
+        p = _plan(tmp_path, ds="pipeline.json", world_size=2 * stages,
+                  train=TrainConfig(pipeline_stages=stages, **train))
+        assert p.ok, (stages, p.problems)
+        assert p.numbers["stages"] == stages and p.numbers["dp"] == 2
+    p = _plan(tmp_path, ds="pipeline.json", world_size=17, train=TrainConfig(pipeline_stages=17, **train))
+    assert p.problems == ["--pipeline-stages 17 exceeds the model's 16 pipeline layers (6 encoder + 6 decoder "
+                          "layers, the embedding, the output projection and the two final norms)"]
+
+
+def test_overlap_comm_under_a_pipeline_is_refused_for_per_language_methods(tmp_path):
+    import json
+
+    cfg = json.loads((DS / "pipeline.json").read_text())
+    cfg["zero_optimization"]["overlap_comm"] = True
+    path = tmp_path / "pipeline_overlap.json"
+    path.write_text(json.dumps(cfg))
+    p = _plan(tmp_path, ds=str(path), world_size=4, method=MethodConfig(method="gradvac"))
+    assert p.problems == ["--method gradvac: per-language gradients under pipeline parallelism need "
+                          "zero_optimization.overlap_comm false (true given): with it ZeRO-1 reduces inside the "
+                          "backward, before each language is read"]
+    assert _plan(tmp_path, ds=str(path), world_size=4).ok  # monolithic: DeepSpeed's own training step
+    # Without a pipeline ZeRO-1 reduces only at the boundary backward the adapter reads after: accepted.
+    p = _plan(tmp_path, ds=str(path), world_size=4, method=MethodConfig(method="gradvac"),
+              train=TrainConfig(save_dir=str(tmp_path / "run"), pipeline_stages=1))
+    assert p.ok, p.problems
 
 
 def test_pipeline_plan_from_the_pipeline_config(tmp_path):
@@ -169,16 +213,29 @@ def test_method_refusals_from_configs(tmp_path, ds, extra, match):
         assert any(__import__("re").search(match, x) for x in p.problems), p.problems
 
 
+def _ds(stage, bf16=False, accum=None, offload=None):
+    ds = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+    if accum:
+        ds["data_types"] = {"grad_accum_dtype": accum}
+    if offload:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": offload}
+    return ds
+
+
 def test_method_refusals():
     m = MethodConfig(method="gradvac")
-    with pytest.raises(ValueError, match="bf16 \\+ ZeRO stage 1 \\+ grad_accum_dtype fp32"):
-        plan.check_method(m, 1, "bf16", "fp32", "none")
+    with pytest.raises(ValueError, match="--method gradvac: .*bf16 \\+ ZeRO stage 1 \\+ grad_accum_dtype fp32"):
+        plan.check_method(m, _ds(1, bf16=True, accum="fp32"), pipeline=False)
     with pytest.raises(ValueError, match="offload_optimizer.device='cpu'"):
-        plan.check_method(m, 2, "bf16", "fp32", "cpu")
+        plan.check_method(m, _ds(2, bf16=True, accum="fp32", offload="cpu"), pipeline=False)
     with pytest.raises(ValueError, match="'sgd'"):
-        plan.check_method(MethodConfig(method="sgd"), 2, "fp32", "fp32", "none")
-    plan.check_method(MethodConfig(), 0, "bf16", "fp32", "cpu")  # monolithic: anything goes
-    plan.check_method(m, 2, "bf16", "fp32", "none")
+        plan.check_method(MethodConfig(method="sgd"), _ds(2), pipeline=False)
+    with pytest.raises(ValueError, match="--granularity 'layers'"):
+        plan.check_method(MethodConfig(method="gradvac", granularity="layers"), _ds(2), pipeline=False)
+    plan.check_method(MethodConfig(), _ds(0, bf16=True, accum="fp32", offload="cpu"), pipeline=False)  # monolithic
+    plan.check_method(m, _ds(2, bf16=True, accum="fp32"), pipeline=False)
+    # None: the method's own default granularity.
+    plan.check_method(MethodConfig(method="gradvac", granularity=None), _ds(2), pipeline=False)
 
 
 def test_no_engine_in_process(tmp_path, monkeypatch):
