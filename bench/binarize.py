@@ -24,9 +24,6 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 # This orchestrating process imports only the standard library and runs every heavy step in
 # a subprocess: on Linux a child's ru_maxrss starts from its parent's RSS at fork/exec
 # time, so a big orchestrator would inflate the numbers being measured.

@@ -8,15 +8,12 @@ and one with a zero gradient in one group, like a real batch. Prints the median 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megavac.methods import StepContext, build_method  # noqa: E402
+from megavac.methods import StepContext, build_method
 
 CASES = [
     ("monolithic", {}),

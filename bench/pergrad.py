@@ -23,18 +23,15 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megavac.data import Batch  # noqa: E402
-from megavac.methods import build_method  # noqa: E402
-from megavac.model import PRESETS, ModelConfig, Transformer  # noqa: E402
-from megavac.pergrad import KBackwardCollector, PerLanguageStep  # noqa: E402
+from megavac.data import Batch
+from megavac.methods import build_method
+from megavac.model import PRESETS, ModelConfig, Transformer
+from megavac.pergrad import KBackwardCollector, PerLanguageStep
 
 METHODS = [
     ("monolithic", "monolithic", {}),

@@ -16,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from megavac.distributed import free_port
 
-from megavac.distributed import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 
@@ -30,8 +29,7 @@ def run(nproc: int, args, save: Path) -> float:
            "--save-interval", "1000000", "--max-tokens", str(args.max_tokens), "--save-dir", str(save)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     recs = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"][1:]
     tokens = sum(r["tokens"] for r in train)

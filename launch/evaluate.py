@@ -9,14 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
-# Runnable as a plain script from a checkout, without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-
-from megavac.checkpoint_io import load_model_from_checkpoint  # noqa: E402
-from megavac.generate import SearchConfig  # noqa: E402
-from megavac.scoring import EvalOptions, Thresholds, evaluate, make_progress, render_table, write_json  # noqa: E402
+from megavac.checkpoint_io import load_model_from_checkpoint
+from megavac.generate import SearchConfig
+from megavac.scoring import EvalOptions, Thresholds, evaluate, make_progress, render_table, write_json
 
 
 def parse_args(argv=None):

@@ -10,13 +10,10 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megavac.config import DataConfig, MethodConfig, TrainConfig, build_parser, from_args  # noqa: E402
+from megavac.config import DataConfig, MethodConfig, TrainConfig, build_parser, from_args
 
 
 def main(argv=None):

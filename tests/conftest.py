@@ -41,7 +41,9 @@ def small_synthetic(tmp_path_factory) -> Path:
 
 def launch_env(**extra) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    # pytest.ini's `pythonpath = . tests` for the launched scripts too: they run this checkout's megavac
+    # (as the in-process tests do, whatever else is installed), and helpers import tests/reference_methods.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     return env
 
 

@@ -216,8 +216,7 @@ def test_adapter_two_ranks(tmp_path):
     results = json.loads(out.read_text())
     _check(results)
     # Two ranks really split the gradient: each holds about half of the elements.
-    sys.path.insert(0, str(HELPER.parent))
-    from pergrad_common import make_model
+    from helpers.pergrad_common import make_model  # tests/ is on pytest.ini's pythonpath
 
     total = make_model().num_parameters()
     numel = {r["config"]: r["numel"] for r in results if "numel" in r}

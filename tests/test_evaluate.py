@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from megavac.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint
+from megavac.distributed import free_port
+from megavac.scoring import Thresholds, bleu_tokenizer, resource_group, select_tasks, split_files
 
-from megavac.distributed import free_port  # noqa: E402
-from megavac.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint  # noqa: E402
-from megavac.scoring import Thresholds, bleu_tokenizer, resource_group, select_tasks, split_files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WRITER = ROOT / "tests" / "helpers" / "write_ds_checkpoint.py"
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")

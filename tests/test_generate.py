@@ -1,19 +1,14 @@
 """Beam search and greedy decoding on small real and hand-wired models."""
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megavac.generate import (  # noqa: E402
-    SearchConfig, beam_search, length_batches, max_lengths, translate)
-from megavac.model import ModelConfig, Transformer  # noqa: E402
-from megavac.tokens import source_ids  # noqa: E402
+from megavac.generate import SearchConfig, beam_search, length_batches, max_lengths, translate
+from megavac.model import ModelConfig, Transformer
+from megavac.tokens import source_ids
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)

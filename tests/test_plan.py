@@ -2,6 +2,7 @@
 memory per GPU against DeepSpeed's estimators, refusals. No distributed init, no DeepSpeed engine."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import subprocess
 import sys
@@ -16,6 +17,14 @@ from megavac.config import DataConfig, MethodConfig, TrainConfig, model_config
 from megavac.model import Transformer
 
 DS = REPO / "ds_configs"
+
+
+def load_train_script():
+    """launch/train.py (a script, not part of the package) imported by path, afresh."""
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _plan(tmp_path, data=None, train=None, method=None, ds="zero2.json", **kw):
@@ -249,11 +258,7 @@ def test_no_engine_in_process(tmp_path, monkeypatch):
 
     monkeypatch.setattr(deepspeed, "initialize", boom)
     monkeypatch.setattr(distributed, "init", boom)
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import train as train_script
-    finally:
-        sys.path.remove(str(REPO / "launch"))
+    train_script = load_train_script()
     rc = train_script.main(["--dry-run", "--synthetic-dir", str(tmp_path / "s"), "--save-dir", str(tmp_path / "r"),
                             "--world-size", "2"])
     assert rc == 0
@@ -280,11 +285,7 @@ def test_train_py_dry_run_subprocess(tmp_path):
 
 
 def test_dry_run_options_need_dry_run(capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import train as train_script
-    finally:
-        sys.path.remove(str(REPO / "launch"))
+    train_script = load_train_script()
     with pytest.raises(SystemExit) as e:
         train_script.main(["--world-size", "4"])
     assert e.value.code == 2

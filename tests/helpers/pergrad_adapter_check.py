@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-from pergrad_common import (PAD, SMOOTHING, clone_model, ds_config, init_dist, make_batch, make_model,  # noqa: E402
+# tests/helpers/ (this script's folder) is on sys.path when run as a script.
+from pergrad_common import (PAD, SMOOTHING, clone_model, ds_config, init_dist, make_batch, make_model,
                             reference_grads)
 
-import torch  # noqa: E402
-
-from megavac.ds_adapter import grad_partition  # noqa: E402
-from megavac.loss import per_language_losses  # noqa: E402
+from megavac.ds_adapter import grad_partition
+from megavac.loss import per_language_losses
 
 CONFIGS = {
     "z1_fp32": dict(stage=1),

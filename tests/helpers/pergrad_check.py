@@ -21,24 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-from pergrad_common import (PAD, SMOOTHING, clone_model, ds_config, init_dist, langs_for, make_batch,  # noqa: E402
-                            make_model, reference_grads)
+# tests/helpers/ (this script's folder) is on sys.path when run as a script; tests/ is on PYTHONPATH
+# (conftest.launch_env, as pytest.ini's pythonpath): by hand, PYTHONPATH=tests deepspeed ...
+import reference_methods as ref_methods
+from pergrad_common import (PAD, SMOOTHING, clone_model, ds_config, init_dist, langs_for, make_batch, make_model,
+                            reference_grads)
 
-import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-
-import reference_methods as ref_methods  # noqa: E402
-
-from megavac.loss import per_language_losses  # noqa: E402
-from megavac.methods import build_method  # noqa: E402
-from megavac.pergrad import PerLanguageStep, build_groups  # noqa: E402
+from megavac.loss import per_language_losses
+from megavac.methods import build_method
+from megavac.pergrad import PerLanguageStep, build_groups
 
 # method -> (granularity, options): the granularities are spread over the methods so that every one
 # of them meets the sharded path once.

@@ -9,17 +9,12 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from megavac.data import Batch  # noqa: E402
-from megavac.loss import per_language_losses  # noqa: E402
-from megavac.model import ModelConfig, Transformer  # noqa: E402
+from megavac.data import Batch
+from megavac.loss import per_language_losses
+from megavac.model import ModelConfig, Transformer
 
 VOCAB, PAD, SMOOTHING = 48, 0, 0.1
 # Smaller than the "tiny" preset (d_model 64): the K-backward path runs K full backwards, and the tests

@@ -8,14 +8,11 @@ which the tests compare with the consolidated checkpoint.
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-from megavac.model import ModelConfig, Transformer  # noqa: E402
+from megavac.model import ModelConfig, Transformer
 
 TINY = dict(d_model=32, n_heads=2, enc_layers=1, dec_layers=1, d_ff=64, dropout=0.0,
             max_positions=64)
