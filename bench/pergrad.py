@@ -37,9 +37,9 @@ METHODS = [
     ("monolithic", "monolithic", {}),
     ("mono-gram", "monolithic", {}),
     ("pcgrad", "pcgrad", {}),
-    ("gradvac", "gradvac", {}),
+    ("gradvac", "gradvac", {"tasks": "all"}),
     ("mgda", "mgda", {}),
-    ("cats", "cats", {"cats_warm_interval": 1}),
+    ("cats", "cats", {"warm_interval": 1}),
     ("gradnorm", "gradnorm", {}),
 ]
 PHASES = ("collect", "gram", "weights", "combine", "step")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from megavac.config import DataConfig, MethodConfig, TrainConfig, build_parser, from_args
+from megavac.config import DataConfig, TrainConfig, build_parser, from_args, method_config_from_args
 
 
 def main(argv=None):
@@ -24,7 +24,12 @@ def main(argv=None):
     parser = build_parser()
     plan.add_dry_run_args(parser)
     args = parser.parse_args(argv)
-    data, train, method = from_args(DataConfig, args), from_args(TrainConfig, args), from_args(MethodConfig, args)
+    data, train = from_args(DataConfig, args), from_args(TrainConfig, args)
+    try:
+        method = method_config_from_args(args)  # the method's paper defaults filled in, options validated
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if args.dry_run:  # no distributed init, no DeepSpeed engine
         return plan.main(data, train, method, args.ds_config, args.world_size)
     if args.world_size is not None:

@@ -7,7 +7,8 @@ import ast
 import inspect
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+import textwrap
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from megavac.model import PRESETS, ModelConfig
@@ -31,32 +32,43 @@ class DataConfig:
     """Micro-batches per rank drawn, length-sorted and shuffled together (less padding when larger)."""
 
 
+def _method_defaults(attr: str) -> str:
+    from megavac.methods import METHODS
+
+    return ", ".join(f"{n} {getattr(c, attr)}" for n, c in METHODS.items() if n != "monolithic")
+
+
 @dataclass
 class MethodConfig:
     method: str = "monolithic"
     """Per-language gradient method: monolithic, pcgrad, gradvac, cats, mgda, gradnorm."""
-    granularity: str = "all_layer"
-    """Parameter groups with their own Gram matrix: whole_model, enc_dec, all_layer, all_matrix."""
-    gradvac_tasks: str = "all"
-    """Languages GradVac alters: all, lrl (low-resource only) or hrl (high-resource only)."""
-    resource_threshold: int = 100_000
-    """Training pairs below which a language counts as low-resource (gradvac lrl/hrl)."""
-    ema_beta: float = 1e-2
-    """GradVac EMA rate β of the cosine-similarity targets."""
-    fixed_target: float | None = None
-    """GradVac with a constant target φ^T (e.g. 0.5) instead of EMA targets."""
-    cats_alpha_lr: float = 0.1
-    """CATS learning rate of the task weights α (the paper uses 0.1 or 1.0)."""
-    cats_warm_steps: int = 8000
-    """CATS: steps during which α is updated every cats_warm_interval steps."""
-    cats_warm_interval: int = 10
-    """CATS: α-update interval M early in training (10 or 100 in the paper)."""
-    cats_interval: int = 1000
-    """CATS: α-update interval M after cats_warm_steps."""
+    granularity: str | None = None
+    """Parameter groups with their own Gram matrix: whole_model, enc_dec, all_layer, all_matrix; None: the
+    method's paper's ({granularities})."""
     langs_per_batch: int | None = None
-    """Languages per batch (pool); None: all for most methods, 8 for CATS (the paper's OPUS-100 setting)."""
+    """Languages per batch (the sampler draws each pool from this many); None: the method's paper's
+    (cats 8, the OPUS-100 setting; all languages otherwise)."""
     gram_log_interval: int = 0
     """Save per-group Gram matrices (npz, with the language order) every N steps; 0 disables."""
+    options: dict = field(default_factory=dict, metadata={"cli": False})
+    """The method's own options (its Options dataclass, --<method>-<option> flags), resolved."""
+
+    def resolve(self) -> "MethodConfig":
+        """A copy with the method's defaults filled in and its options validated (ValueError naming them)."""
+        from megavac.groups import GRANULARITIES
+        from megavac.methods import method_class
+
+        cls = method_class(self.method)
+        granularity = self.granularity or cls.default_granularity
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"--granularity {granularity!r} is not one of {list(GRANULARITIES)}")
+        lpb = self.langs_per_batch if self.langs_per_batch is not None else (cls.default_langs_per_batch or 0)
+        if not isinstance(lpb, int) or lpb < 0:
+            raise ValueError(f"--langs-per-batch must be an integer >= 0, got {lpb!r}")
+        if self.gram_log_interval < 0:
+            raise ValueError(f"--gram-log-interval must be >= 0, got {self.gram_log_interval}")
+        options = asdict(cls.make_options(**self.options))
+        return replace(self, granularity=granularity, langs_per_batch=lpb, options=options)
 
 
 @dataclass
@@ -106,7 +118,7 @@ class TrainConfig:
 
 def _field_docs(cls) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal after each field), for --help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
     for a, b in zip(body, body[1:]):
         if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
@@ -122,19 +134,55 @@ def _converter(annotation: str):
     return lambda text: None if text.lower() == "none" else base(text)
 
 
-def add_dataclass_args(parser, cls) -> None:
+def add_dataclass_args(parser, cls, prefix: str = "", default=None, doc_format: dict | None = None) -> None:
+    """One flag per field (``--<prefix>-<field>``), with the field's docstring as help. ``default``
+    replaces every field's default in the namespace (argparse.SUPPRESS: only flags given appear)."""
     docs = _field_docs(cls)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + (prefix + "-" if prefix else "") + f.name.replace("_", "-")
+        dest = (prefix + "_" if prefix else "") + f.name
+        doc = " ".join(docs[f.name].split()).format(**(doc_format or {}))
+        value = f.default if default is None else default
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=value, help=doc)
         else:
-            parser.add_argument(flag, type=_converter(str(f.type)), default=f.default,
-                                help=f"{docs[f.name]} (default: {f.default})")
+            parser.add_argument(flag, dest=dest, type=_converter(str(f.type)), default=value,
+                                help=f"{doc} (default: {f.default})")
 
 
 def from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli", True)})
+
+
+def add_method_args(parser) -> None:
+    """--method and the shared options, then each method's own options as --<method>-<option>."""
+    from megavac.methods import METHODS
+
+    add_dataclass_args(parser.add_argument_group("per-language gradient methods"), MethodConfig,
+                       doc_format={"granularities": _method_defaults("default_granularity")})
+    for name, cls in METHODS.items():
+        if fields(cls.Options):
+            group = parser.add_argument_group(f"--method {name} options")
+            add_dataclass_args(group, cls.Options, prefix=name, default=argparse.SUPPRESS)
+
+
+def method_config_from_args(args: argparse.Namespace) -> MethodConfig:
+    """The MethodConfig of the command line, resolved; an option of another method is a ValueError."""
+    from megavac.methods import METHODS
+
+    cfg = from_args(MethodConfig, args)
+    given = vars(args)
+    for name, cls in METHODS.items():
+        for f in fields(cls.Options):
+            if f"{name}_{f.name}" not in given:
+                continue
+            if name != cfg.method:
+                raise ValueError(f"--{name}-{f.name.replace('_', '-')} is an option of --method {name}, "
+                                 f"not of --method {cfg.method}")
+            cfg.options[f.name] = given[f"{name}_{f.name}"]
+    return cfg.resolve()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     add_dataclass_args(p.add_argument_group("data"), DataConfig)
     add_dataclass_args(p.add_argument_group("training"), TrainConfig)
-    add_dataclass_args(p.add_argument_group("per-language gradient methods"), MethodConfig)
+    add_method_args(p)
     return p
 
 
@@ -257,5 +305,5 @@ def run_config_dict(data: DataConfig, train: TrainConfig, method: MethodConfig, 
             "ds_config": ds}
 
 
-__all__ = ["DataConfig", "MethodConfig", "TrainConfig", "build_parser", "from_args", "merge_ds_config", "model_config",
+__all__ = ["DataConfig", "MethodConfig", "TrainConfig", "build_parser", "from_args", "merge_ds_config", "method_config_from_args", "model_config",
            "load_ds_config", "precision_of", "parse_lang_weights", "run_config_dict"]

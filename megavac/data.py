@@ -146,14 +146,14 @@ class TemperatureSampler:
     """
 
     def __init__(self, lengths: list[np.ndarray], probs: np.ndarray, max_tokens: int, seed: int,
-                 rank: int = 0, world: int = 1, pool_batches: int = 64, langs_per_pool: int = 0):
+                 rank: int = 0, world: int = 1, pool_batches: int = 64, langs_per_batch: int = 0):
         self.lengths, self.probs = lengths, np.asarray(probs, dtype=np.float64)
         self.max_tokens, self.seed, self.rank, self.world = max_tokens, seed, rank, world
         self.pool_batches = pool_batches
         # CATS trains each batch on a few languages: draw that many (without replacement, by p) per pool.
-        self.langs_per_pool = langs_per_pool
-        if langs_per_pool and not 0 < langs_per_pool <= int((self.probs > 0).sum()):
-            raise ValueError(f"langs_per_batch={langs_per_pool} must be between 1 and the {int((self.probs > 0).sum())} "
+        self.langs_per_batch = langs_per_batch
+        if langs_per_batch and not 0 < langs_per_batch <= int((self.probs > 0).sum()):
+            raise ValueError(f"langs_per_batch={langs_per_batch} must be between 1 and the {int((self.probs > 0).sum())} "
                              "languages with non-zero sampling probability")
         longest = max(int(x.max()) for x in lengths if len(x))
         if longest > max_tokens:
@@ -187,8 +187,8 @@ class TemperatureSampler:
                             "cursor": self.cursor.copy()}
         budget = self.pool_batches * self.world * self.max_tokens
         p = self.probs
-        if self.langs_per_pool:
-            chosen = self.rng.choice(len(p), size=self.langs_per_pool, replace=False, p=p)
+        if self.langs_per_batch:
+            chosen = self.rng.choice(len(p), size=self.langs_per_batch, replace=False, p=p)
             p = np.zeros_like(p)
             p[chosen] = self.probs[chosen] / self.probs[chosen].sum()
         items, lens, total = [], [], 0

@@ -108,12 +108,17 @@ class GradPartition:
     storage_dtype: torch.dtype
     """dtype DeepSpeed keeps the slice in; reads are exact copies when it is float32."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, names: list[str] | None = None, all_names: list[str] | None = None):
+        """``names``: the model's names of ``engine.module.named_parameters()`` (default: those names);
+        ``all_names``: every parameter of the whole model, other pipeline stages' too (default: ``names``).
+        The caller owns the naming (megavac.groups.model_param_names); this module only counts elements."""
         self.engine = engine
         self.optimizer = engine.optimizer
-        self.param_names = [n for n, _ in engine.module.named_parameters()]
-        self.all_param_names = self.param_names
-        """Every parameter of the whole model (other pipeline stages' too): the global group map."""
+        own = [n for n, _ in engine.module.named_parameters()]
+        if names is not None and len(names) != len(own):
+            raise ValueError(f"{len(names)} parameter names for {len(own)} parameters of engine.module")
+        self.param_names = own if names is None else list(names)
+        self.all_param_names = self.param_names if all_names is None else list(all_names)
         self._index = {id(p): k for k, (_, p) in enumerate(engine.module.named_parameters())}
 
     # ------------------------------------------------------------------ access (subclasses)
@@ -213,8 +218,8 @@ class GradPartition:
 class _Zero12Partition(GradPartition):
     """ZeRO-1/2 (stage_1_and_2.py)."""
 
-    def __init__(self, engine):
-        super().__init__(engine)
+    def __init__(self, engine, names: list[str] | None = None, all_names: list[str] | None = None):
+        super().__init__(engine, names, all_names)
         opt = self.optimizer
         where = "stage_1_and_2.DeepSpeedZeroOptimizer"
         self.stage = int(engine.zero_optimization_stage())
@@ -293,8 +298,8 @@ class _Zero12Partition(GradPartition):
 class _Zero3Partition(GradPartition):
     """ZeRO-3 (stage3.py): ``grad_partitions_flat_buffer`` holds every parameter's gradient partition."""
 
-    def __init__(self, engine):
-        super().__init__(engine)
+    def __init__(self, engine, names: list[str] | None = None, all_names: list[str] | None = None):
+        super().__init__(engine, names, all_names)
         opt = self.optimizer
         where = "stage3.DeepSpeedZeroOptimizer_Stage3"
         self.stage = 3
@@ -372,21 +377,18 @@ class _PipelinePartition(GradPartition):
     gradients in ``param.grad``, which is what the per-language capture reads between micro-batches.
 
     The local vector is the stage's parameters back to back (``engine.module.named_parameters()``
-    order, no padding). ``param_names`` are the plain ``Transformer`` names (the module's
-    ``plain_name``), so that every stage builds the same global groups. The Gram counts each model
+    order, no padding). ``param_names`` must be the plain ``Transformer`` names the caller passes, so
+    that every stage builds the same global groups. The Gram counts each model
     element once over all ranks: the stage's vector is cut into ``dp`` chunks, data-parallel rank d
     counts chunk d, and the second copy of a tied weight (``ds_pipe_replicated``, set by DeepSpeed on
     every tied copy but the first stage's) is left out.
     """
 
-    def __init__(self, engine):
-        super().__init__(engine)
+    def __init__(self, engine, names: list[str] | None = None, all_names: list[str] | None = None):
+        super().__init__(engine, names, all_names)
         module = engine.module
         self.stage = int(engine.zero_optimization_stage())
-        named = list(module.named_parameters())
-        self.params = [p for _, p in named]
-        self.param_names = [module.plain_name(n) for n, _ in named]
-        self.all_param_names = module.plain_param_names()
+        self.params = [p for _, p in module.named_parameters()]
         grid = _attr(engine, "grid", "PipelineEngine process grid")
         self.dp_rank, self.dp_size = int(grid.data_parallel_id), int(grid.data_parallel_size)
         self._dp_group = grid.get_data_parallel_group()
@@ -566,8 +568,10 @@ def engine_ds_config(engine) -> dict:
     return cfg
 
 
-def grad_partition(engine) -> GradPartition:
-    """The adapter for ``engine`` (a DeepSpeedEngine); ValueError for configurations it cannot serve."""
+def grad_partition(engine, names: list[str] | None = None, all_names: list[str] | None = None) -> GradPartition:
+    """The adapter for ``engine`` (a DeepSpeedEngine); ValueError for configurations it cannot serve.
+    ``names``/``all_names``: see ``GradPartition`` (required under pipeline parallelism, where a stage's
+    own names are DeepSpeed's layer indices)."""
     check_version()
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
@@ -583,14 +587,14 @@ def grad_partition(engine) -> GradPartition:
             f"deepspeed {DEEPSPEED_VERSION}: ZeRO stage {stage} with {type(engine.optimizer).__name__} for a config "
             "per_language_refusals accepts: its optimizer selection changed")
     if pipeline:
-        if not hasattr(engine.module, "plain_name"):
-            raise ValueError("per-language gradients under pipeline parallelism need megavac's TransformerPipe "
-                             "(megavac.pipeline.make_pipeline_module)")
-        return _PipelinePartition(engine)
+        if names is None or all_names is None:
+            raise ValueError("per-language gradients under pipeline parallelism need the model's parameter names "
+                             "of the stage and of the whole model (megavac.groups.model_param_names)")
+        return _PipelinePartition(engine, names, all_names)
     if stage in (1, 2):
-        return _Zero12Partition(engine)
+        return _Zero12Partition(engine, names, all_names)
     if stage == 3:
-        return _Zero3Partition(engine)
+        return _Zero3Partition(engine, names, all_names)
     raise ValueError(f"unsupported zero_optimization.stage={stage}")
 
 

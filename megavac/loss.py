@@ -44,3 +44,58 @@ def per_language_losses(
         nll_k = torch.zeros(num_langs, dtype=nll.dtype, device=nll.device).index_add(0, lang, nll.sum(1))
         ntok_k = torch.zeros(num_langs, dtype=torch.long, device=lang.device).index_add(0, lang, ntok_row)
     return loss_k / total, nll_k, ntok_k
+
+
+class LossTally:
+    """Per-language sums over micro-batches (and, after ``all_reduce``, ranks): float64 [3, K] rows
+    label-smoothed token-loss sum, NLL sum, target tokens.
+
+    Kept on the device the losses are on: adding a micro-batch reads nothing back to the host, so a GPU
+    is never stalled by a sync per micro-step; values are read at the log interval.
+    """
+
+    LOSS, NLL, TOKENS = range(3)
+
+    def __init__(self, num_langs: int, device=None, sums: torch.Tensor | None = None):
+        self.sums = torch.zeros(3, num_langs, dtype=torch.float64, device=device) if sums is None else sums
+
+    @torch.no_grad()
+    def add(self, loss_k: torch.Tensor, nll_k: torch.Tensor, ntok_k: torch.Tensor, total) -> None:
+        """One micro-batch's ``per_language_losses`` output; ``total`` is the normaliser of its shares."""
+        dev = self.sums.device
+        self.sums[self.LOSS] += (loss_k.detach().double() * total).to(dev)
+        self.sums[self.NLL] += nll_k.double().to(dev)
+        self.sums[self.TOKENS] += ntok_k.double().to(dev)
+
+    def __iadd__(self, other: "LossTally") -> "LossTally":
+        self.sums += other.sums.to(self.sums.device)
+        return self
+
+    def zero_(self) -> None:
+        self.sums.zero_()
+
+    def all_reduce(self, group=None) -> "LossTally":
+        """A new tally summed over the ranks of ``group`` (this one unchanged)."""
+        import torch.distributed as dist
+
+        sums = self.sums.clone()
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+        return LossTally(sums.shape[1], sums=sums)
+
+    @property
+    def tokens(self) -> float:
+        return float(self.sums[self.TOKENS].sum())
+
+    @property
+    def loss(self) -> float:
+        """Label-smoothed loss per target token over all languages."""
+        return float(self.sums[self.LOSS].sum()) / max(self.tokens, 1.0)
+
+    def mean_loss(self) -> torch.Tensor:
+        """float64 [K]: each language's label-smoothed loss per target token (0 where it has none)."""
+        return self.sums[self.LOSS] / self.sums[self.TOKENS].clamp(min=1)
+
+    def mean_nll(self) -> torch.Tensor:
+        """float64 [K]: each language's NLL per target token (0 where it has none)."""
+        return self.sums[self.NLL] / self.sums[self.TOKENS].clamp(min=1)

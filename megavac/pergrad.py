@@ -19,7 +19,6 @@ method needs no Gram (monolithic always, CATS between meta steps) take the plain
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,59 +28,13 @@ import torch
 import torch.distributed as dist
 
 from megavac.ds_adapter import GradPartition, grad_partition
-from megavac.loss import per_language_losses
+from megavac.groups import GRANULARITIES, build_groups, group_label, model_param_names  # noqa: F401 (GRANULARITIES re-exported)
+from megavac.loss import LossTally
 from megavac.methods import GramMethod, StepContext
+from megavac.plain_step import PlainStep, forward_losses
 
-GRANULARITIES = ("whole_model", "enc_dec", "all_layer", "all_matrix")
 # Columns per float64 conversion in the Gram products: bounds the transient copy to K × 2^18 × 8 bytes.
 GRAM_CHUNK = 1 << 18
-
-_LAYER = re.compile(r"^(encoder|decoder)\.(\d+)\.")
-
-
-# ---------------------------------------------------------------------------------------- groups
-def group_label(name: str, granularity: str) -> str:
-    """The parameter group of parameter ``name`` (as in ``Transformer.named_parameters()``).
-
-    * whole_model: "model".
-    * enc_dec: "embed" / "encoder" / "decoder". The tied embedding (source and target embedding AND the
-      output projection) serves both sides, so it is a group of its own rather than part of either:
-      put into the decoder, the output projection's gradient (the largest matrix, written by every
-      target token) would dominate the decoder's Gram; put into the encoder, it would make the encoder
-      group mostly decoder signal. The final norms go with their stacks.
-    * all_layer: "embed", "encoder.<i>", "encoder.norm", "decoder.<i>", "decoder.norm".
-    * all_matrix: the parameter's own name (one group per tensor, biases and LayerNorm weights too).
-    Names outside the Transformer's layout fall back to their first component.
-    """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if granularity == "whole_model":
-        return "model"
-    if granularity == "all_matrix":
-        return name
-    side = {"encoder": "encoder", "enc_norm": "encoder", "decoder": "decoder", "dec_norm": "decoder"}
-    head = name.split(".", 1)[0]
-    if granularity == "enc_dec":
-        return side.get(head, head)
-    m = _LAYER.match(name)
-    if m:
-        return f"{m.group(1)}.{m.group(2)}"
-    if head in ("enc_norm", "dec_norm"):
-        return f"{side[head]}.norm"
-    return head
-
-
-def build_groups(names: list[str], granularity: str) -> tuple[list[str], torch.Tensor]:
-    """(group labels in order of first appearance, long [P]: group index of every parameter)."""
-    labels, index = [], {}
-    of_param = []
-    for n in names:
-        g = group_label(n, granularity)
-        if g not in index:
-            index[g] = len(labels)
-            labels.append(g)
-        of_param.append(index[g])
-    return labels, torch.tensor(of_param, dtype=torch.long)
 
 
 # -------------------------------------------------------------------------------------- collector
@@ -96,10 +49,8 @@ class LanguageGrads:
     """long [P]: the language index of each row of ``slices`` (ascending)."""
     present: torch.Tensor
     """bool [K]: language present in the step's global batch (any rank, any micro-batch)."""
-    losses: torch.Tensor
-    """float64 [K]: this rank's loss shares, Σ over micro-batches ÷ ga (detached)."""
-    sums: torch.Tensor
-    """float64 [2 + 2K]: the trainer's logging sums [loss × tokens, tokens, nll_k, tokens_k] (local)."""
+    tally: LossTally
+    """This rank's per-language losses and tokens of the step (on the device; zero off the last stage)."""
 
 
 class GradCollector:
@@ -114,10 +65,6 @@ class GradCollector:
     num_langs: int
 
     def collect(self, batches: list) -> LanguageGrads:
-        raise NotImplementedError
-
-    def plain(self, batches: list, loss_weights: torch.Tensor) -> torch.Tensor:
-        """One plain optimizer step on Σ_k loss_weights[k] · loss_k; returns the logging sums."""
         raise NotImplementedError
 
     def param_grams(self, slices: torch.Tensor) -> torch.Tensor:
@@ -150,31 +97,11 @@ class KBackwardCollector(GradCollector):
     def __init__(self, engine, num_langs: int, pad_id: int, label_smoothing: float,
                  partition: GradPartition | None = None):
         self.engine = engine
-        self.partition = partition or grad_partition(engine)
+        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
         self.num_langs = num_langs
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
         self.ga = int(engine.gradient_accumulation_steps())
         self._slices: torch.Tensor | None = None
-
-    def plain(self, batches: list, loss_weights: torch.Tensor) -> torch.Tensor:
-        K = self.num_langs
-        ones = bool((loss_weights == 1).all())
-        sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
-        for batch in batches:
-            loss_k, nll_k, ntok_k = self.losses(batch)
-            loss = loss_k.sum() if ones else (loss_k * loss_weights.to(loss_k)).sum()
-            self.engine.backward(loss)
-            self.engine.step()
-            sums[0] += float(loss_k.detach().sum()) * batch.ntokens
-            sums[1] += batch.ntokens
-            sums[2:2 + K] += nll_k.double().cpu()
-            sums[2 + K:] += ntok_k.double().cpu()
-        return sums
-
-    def losses(self, batch):
-        logits = self.engine(batch.src, batch.tgt_in)
-        return per_language_losses(logits, batch.tgt_out, batch.lang, self.num_langs, self.pad_id,
-                                   self.label_smoothing)
 
     def collect(self, batches: list) -> LanguageGrads:
         if len(batches) != self.ga:
@@ -196,11 +123,10 @@ class KBackwardCollector(GradCollector):
         if self._slices is None or self._slices.shape[0] < len(row):
             self._slices = torch.zeros(len(row), part.numel, dtype=torch.float32, device=dev)
         slices = self._slices[:len(row)].zero_()
-        losses = torch.zeros(K, dtype=torch.float64)
-        sums = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        tally = LossTally(K, device=dev)
         for m, batch in enumerate(batches):
             langs = torch.nonzero(here[m]).flatten().tolist()
-            loss_k, nll_k, ntok_k = self.losses(batch)
+            loss_k, nll_k, ntok_k = forward_losses(engine, batch, K, self.pad_id, self.label_smoothing)
             snapshot = None
             for i, k in enumerate(langs):
                 part.force_boundary()
@@ -214,13 +140,8 @@ class KBackwardCollector(GradCollector):
             if m < len(batches) - 1:
                 engine.set_gradient_accumulation_boundary(False)
                 engine.step()  # not a boundary: no update, only the micro-step counter moves
-            with torch.no_grad():
-                losses += loss_k.detach().double().cpu() / self.ga
-                sums[0] += float(loss_k.detach().sum()) * batch.ntokens
-                sums[1] += batch.ntokens
-                sums[2:2 + K] += nll_k.double().cpu()
-                sums[2 + K:] += ntok_k.double().cpu()
-        return LanguageGrads(slices, langs_all, present, losses, sums)
+            tally.add(loss_k, nll_k, ntok_k, batch.ntokens)
+        return LanguageGrads(slices, langs_all, present, tally)
 
 
 class PipelineCollector(GradCollector):
@@ -243,14 +164,11 @@ class PipelineCollector(GradCollector):
         from megavac.pipeline import PipelineRunner
 
         self.engine = engine
-        self.partition = partition or grad_partition(engine)
+        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
         self.num_langs = num_langs
         self.ga = int(engine.gradient_accumulation_steps())
         self.runner = PipelineRunner(engine)
         self._rows: torch.Tensor | None = None
-
-    def plain(self, batches: list, loss_weights: torch.Tensor) -> torch.Tensor:
-        return self.runner.train_batch(batches, loss_weights)
 
     def collect(self, batches: list) -> LanguageGrads:
         from megavac.pipeline import pipeline_items
@@ -283,7 +201,7 @@ class PipelineCollector(GradCollector):
         part.zero_()
         part.run_backward_schedule(pipeline_items(subs), capture)
         part.reduce_rows(rows)
-        return LanguageGrads(rows, langs_all, present, loss.records[3] / self.ga, loss.train_sums())
+        return LanguageGrads(rows, langs_all, present, loss.tally)
 
 
 def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: float) -> GradCollector:
@@ -297,8 +215,8 @@ def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: floa
 # ------------------------------------------------------------------------------------ the step
 @dataclass
 class StepStats:
-    sums: torch.Tensor
-    """float64 [2 + 2K]: as ``Trainer.train_step`` returns (local sums)."""
+    tally: LossTally
+    """This rank's per-language losses and tokens of the step."""
     gram_step: bool
     """True when the Gram path ran (False: plain path with ``loss_weights``)."""
     present: torch.Tensor | None = None
@@ -308,7 +226,7 @@ class StepStats:
     weights: torch.Tensor | None = None
     """float64 [G, K]: the method's weights (Gram steps)."""
     losses: torch.Tensor | None = None
-    """float64 [K]: loss shares averaged over ranks (Gram steps)."""
+    """float64 [K]: each language's mean token loss over the global batch (Gram steps; 0 if absent)."""
     skipped: bool = False
     """The method skipped (non-finite Gram, e.g. fp16 overflow); DeepSpeed then skips the step."""
     extra: dict = field(default_factory=dict)
@@ -328,14 +246,14 @@ class PerLanguageStep:
     """What the trainer calls for one optimizer step when a Gram method is configured.
 
     ``run(batches, step)`` takes the step's ``ga`` micro-batches and dispatches: Gram path when
-    ``method.needs_gram(step)``, else the plain path with ``method.loss_weights()``.
+    ``method.needs_gram(step)``, else the trainer's ``PlainStep`` with ``method.loss_weights()``.
     ``state_dict()`` (the method's state and the generator) is identical on every rank.
     """
 
     def __init__(self, engine, method: GramMethod, num_langs: int, *, pad_id: int, label_smoothing: float,
                  granularity: str = "all_layer", seed: int = 0, collector: GradCollector | None = None,
-                 gram_log_dir: str | Path | None = None, gram_log_interval: int = 0,
-                 lang_names: list[str] | None = None):
+                 plain: PlainStep | None = None, gram_log_dir: str | Path | None = None,
+                 gram_log_interval: int = 0, lang_names: list[str] | None = None):
         if method.num_langs != num_langs:
             raise ValueError(f"method is built for {method.num_langs} languages, the data has {num_langs}")
         if gram_log_interval < 0:
@@ -344,11 +262,12 @@ class PerLanguageStep:
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
         self.ga = int(engine.gradient_accumulation_steps())
         self.collector = collector or default_collector(engine, num_langs, pad_id, label_smoothing)
+        self.plain = plain or PlainStep(engine, num_langs, pad_id, label_smoothing,
+                                        runner=getattr(self.collector, "runner", None))
         self.partition = self.collector.partition
         self.granularity = granularity
         # Groups from the WHOLE model's names: under pipeline parallelism every stage then agrees on them.
-        self.group_names, _ = build_groups(getattr(self.partition, "all_param_names", self.partition.param_names),
-                                           granularity)
+        self.group_names, _ = build_groups(self.partition.all_param_names, granularity)
         index = {g: i for i, g in enumerate(self.group_names)}
         self.group_of_param = torch.tensor([index[group_label(n, granularity)] for n in self.partition.param_names],
                                            dtype=torch.long)
@@ -379,11 +298,8 @@ class PerLanguageStep:
     def run(self, batches: list, step: int) -> StepStats:
         if self.method.needs_gram(step):
             return self.gram_step(batches, step)
-        return self.plain_step(batches, step)
-
-    def plain_step(self, batches: list, step: int) -> StepStats:
-        """The trainer's plain path, with the method's loss weights (all ones: exactly plain training)."""
-        return StepStats(self.collector.plain(batches, self.method.loss_weights()), gram_step=False)
+        # The method's loss weights (all ones: exactly plain training; CATS: α).
+        return StepStats(self.plain(batches, self.method.loss_weights()), gram_step=False)
 
     def group_grams(self, slices: torch.Tensor) -> torch.Tensor:
         """float64 [G, P, P] local: parameter Grams of the P rows of ``slices`` summed into groups."""
@@ -409,15 +325,17 @@ class PerLanguageStep:
             idx = got.langs
             gram = torch.zeros(G, K, K, dtype=torch.float64, device=got.slices.device)
             gram[:, idx[:, None], idx[None, :]] = self.group_grams(got.slices)  # absent languages: zero rows
-            # One all-reduce: the Grams and the K loss shares (for GradNorm and logging).
-            packed = torch.cat([gram.flatten(), got.losses.to(gram.device)])
+            # One all-reduce: the Grams and each language's token-loss sum and tokens (GradNorm, logging).
+            # Under a pipeline only the last stage has losses; the others add zeros.
+            t_sums = got.tally.sums
+            packed = torch.cat([gram.flatten(), t_sums[LossTally.LOSS].to(gram.device),
+                                t_sums[LossTally.TOKENS].to(gram.device)])
             group = part.gram_group()
             if dist.is_initialized() and dist.get_world_size(group) > 1:
                 dist.all_reduce(packed, group=group)
-            gram = packed[:G * K * K].view(G, K, K).cpu()
-            # Loss shares: summed over the data-parallel ranks (only the last pipeline stage has them).
-            dp = dist.get_world_size(part.dp_group()) if dist.is_initialized() else 1
-            losses = packed[G * K * K:].cpu() / dp
+            packed = packed.cpu()
+            gram = packed[:G * K * K].view(G, K, K)
+            losses = packed[G * K * K:G * K * K + K] / packed[G * K * K + K:].clamp(min=1)
             scale = part.loss_scale()
             if scale != 1.0:
                 gram = gram / (scale * scale)  # fp16: slices hold gradients × scale
@@ -439,7 +357,7 @@ class PerLanguageStep:
             self._log_gram(step + 1, gram, weights, got.present, losses)
         diag = torch.diagonal(gram, dim1=1, dim2=2).sum(0)
         phases = dict(zip(("collect", "gram", "weights", "combine", "step"), np.diff(t).tolist()))
-        return StepStats(got.sums, gram_step=True, present=got.present, grad_norm=diag.clamp(min=0).sqrt(),
+        return StepStats(got.tally, gram_step=True, present=got.present, grad_norm=diag.clamp(min=0).sqrt(),
                          weights=weights, losses=losses, skipped=skipped, extra={"seconds": phases})
 
     def _log_gram(self, step, gram, weights, present, losses):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavac.loss import per_language_losses
+from megavac.loss import LossTally, per_language_losses
 from megavac.model import DecoderLayer, EncoderLayer, ModelConfig, embed_tokens, init_embedding, key_mask
 
 
@@ -222,38 +222,31 @@ def plain_state_dict_from_layer_files(tag_dir, cfg: ModelConfig) -> dict[str, to
 
 # -------------------------------------------------------------------------------------------- loss
 class PipelineLoss:
-    """``loss_fn`` of the pipeline (last stage): Σ_k w_k loss_k with records of what it saw.
+    """``loss_fn`` of the pipeline (last stage): Σ_k w_k loss_k with a tally of what it saw.
 
     ``labels`` = (tgt_out [B, T], lang [B], total tokens []). ``weights`` None means all ones (plain
-    training). ``records`` float64 [4, K]: Σ loss_k × total (token losses), Σ nll_k, Σ tokens_k, Σ loss_k.
+    training). ``tally``: a ``LossTally`` of the losses since ``begin``.
     """
 
     def __init__(self, num_langs: int, pad_id: int, smoothing: float):
         self.K, self.pad_id, self.smoothing = num_langs, pad_id, smoothing
         self.weights: torch.Tensor | None = None
-        self.records = torch.zeros(4, num_langs, dtype=torch.float64)
+        self.tally = LossTally(num_langs)
 
     def begin(self, weights: torch.Tensor | None = None):
         self.weights = None if weights is None or bool((weights == 1).all()) else weights.detach().float()
-        self.records.zero_()
+        self.tally = LossTally(self.K)
 
     def __call__(self, logits, labels):
         tgt_out, lang, total = labels
         loss_k, nll_k, ntok_k = per_language_losses(logits, tgt_out, lang, self.K, self.pad_id, self.smoothing,
                                                     total=total)
-        with torch.no_grad():
-            self.records[0] += (loss_k * total).double().cpu()
-            self.records[1] += nll_k.double().cpu()
-            self.records[2] += ntok_k.double().cpu()
-            self.records[3] += loss_k.double().cpu()
+        if self.tally.sums.device != loss_k.device:
+            self.tally = LossTally(self.K, device=loss_k.device, sums=self.tally.sums.to(loss_k.device))
+        self.tally.add(loss_k, nll_k, ntok_k, total)
         if self.weights is None:
             return loss_k.sum()
         return (loss_k * self.weights.to(loss_k)).sum()
-
-    def train_sums(self) -> torch.Tensor:
-        """float64 [2 + 2K]: the trainer's logging sums [loss × tokens, tokens, nll_k, tokens_k]."""
-        r = self.records
-        return torch.cat([r[0].sum().view(1), r[2].sum().view(1), r[1], r[2]])
 
 
 def pipeline_items(batches: list) -> list:
@@ -269,17 +262,17 @@ class PipelineRunner:
         self.engine = engine
         self.loss: PipelineLoss = engine.module.loss_fn
 
-    def train_batch(self, batches: list, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def train_batch(self, batches: list, weights: torch.Tensor | None = None) -> LossTally:
         """One optimizer step over ``batches`` (``gradient_accumulation_steps`` micro-batches) with
-        loss weights; returns this rank's logging sums (zero except on the last stage)."""
+        loss weights; returns this rank's tally (zero except on the last stage)."""
         self.loss.begin(weights)
         self.engine.train_batch(iter(pipeline_items(batches)))
-        return self.loss.train_sums()
+        return self.loss.tally
 
     @torch.no_grad()
-    def eval_records(self, batches: list) -> torch.Tensor:
-        """float64 [3, K]: Σ token losses, Σ nll, Σ tokens per language over ``batches`` (last stage)."""
+    def eval_tally(self, batches: list) -> LossTally:
+        """Per-language losses over ``batches`` (zero except on the last stage)."""
         self.loss.begin(None)
         self.engine.eval_batch(iter(pipeline_items(batches)), num_micro_batches=len(batches), reduce_output=None,
                                bcast_loss=False)
-        return self.loss.records[:3].clone()
+        return self.loss.tally

@@ -50,7 +50,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GiB = 2**30
@@ -95,52 +95,19 @@ def check_parallelism(world: int, stages: int) -> int:
     return world // stages
 
 
-def method_class(method):
-    """The ``megavac.methods`` class of ``--method``; ValueError naming an unknown one."""
-    from megavac.methods import METHODS
-
-    if method.method not in METHODS:
-        raise ValueError(f"--method {method.method!r} is not one of {list(METHODS)}")
-    return METHODS[method.method]
-
-
-def granularity_of(method) -> str:
-    """``--granularity``, None meaning the method's own default."""
-    g = method.granularity
-    return getattr(method_class(method), "default_granularity", "all_layer") if g is None else g
-
-
-def default_langs_per_batch(method) -> int | None:
-    """Languages per batch the method draws when ``--langs-per-batch`` is not given; None: all (also for an
-    unknown ``--method``, which check_method reports)."""
-    from megavac.methods import METHODS
-
-    cls = METHODS.get(method.method)
-    if cls is None:
-        return None
-    if hasattr(cls, "default_langs_per_batch"):
-        return cls.default_langs_per_batch
-    # Method classes without the class attribute keep the default in their constructor (CATS).
-    import inspect
-
-    param = inspect.signature(cls.__init__).parameters.get("langs_per_batch")
-    return param.default if param is not None and isinstance(param.default, int) else None
-
-
-def check_method(method, ds: dict, pipeline: bool) -> None:
-    """The method and granularity exist, and the merged DeepSpeed config ``ds`` is one the per-language
-    step serves (megavac.ds_adapter.per_language_refusals; any setting for ``monolithic``)."""
+def check_method(method, ds: dict, pipeline: bool):
+    """The method's config resolved as training resolves it (``MethodConfig.resolve``: method, granularity,
+    options), and the merged DeepSpeed config ``ds`` one the per-language step serves
+    (megavac.ds_adapter.per_language_refusals; any setting for ``monolithic``). Returns the resolved config."""
     from megavac.ds_adapter import per_language_refusals
-    from megavac.pergrad import GRANULARITIES
 
-    method_class(method)
-    if granularity_of(method) not in GRANULARITIES:
-        raise ValueError(f"--granularity {method.granularity!r} is not one of {list(GRANULARITIES)}")
+    method = method.resolve()
     if method.method == "monolithic":
-        return
+        return method
     refusals = per_language_refusals(ds, pipeline)
     if refusals:
         raise ValueError(f"--method {method.method}: " + "; ".join(refusals))
+    return method
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -408,9 +375,10 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         accum = "fp32"
     offload = offload_optimizer_device(ds)
     try:
-        check_method(method, ds, pipeline_stages > 1)
+        method = check_method(method, ds, pipeline_stages > 1)
     except ValueError as e:
         plan.problems.append(str(e))
+        method = replace(method, method="monolithic")  # reported; plan the rest without it
 
     # Memory per GPU. With pipeline stages a rank holds its stage's layers (the tied embedding on the first
     # and the last stage): the largest stage holds about (P - embed) / stages + embed.
@@ -424,7 +392,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     extra = 0.0
     if method.method != "monolithic":
         K = len(info["names"]) if info else 0
-        per_batch = method.langs_per_batch or default_langs_per_batch(method) or K
+        per_batch = method.langs_per_batch or K
         # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K tasks.
         # Under pipeline parallelism a row is the stage's whole local gradient (ZeRO-1 partitions only the
         # optimizer state there), and each language's rows form their own micro-batch: no extra backward.

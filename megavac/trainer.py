@@ -19,9 +19,11 @@ from megavac.checkpointing import Checkpointer
 from megavac.config import (DataConfig, MethodConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
                             parse_lang_weights, precision_of, run_config_dict)
 from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampling_probs
-from megavac.loss import per_language_losses
+from megavac.groups import model_param_names
+from megavac.loss import LossTally
 from megavac.metrics import Metrics
 from megavac.model import Transformer
+from megavac.plain_step import PlainStep
 from megavac.preemption import Preemption
 from megavac.validation import Validator
 
@@ -53,42 +55,13 @@ def resolve_data_dir(data: DataConfig, rank: int) -> str:
     return str(prepared)
 
 
-def last_shared_layer(param_names: list[str], granularity: str) -> int:
-    """GradNorm's W: the group of the last decoder layer (the whole decoder / model when coarser)."""
-    from megavac.pergrad import build_groups
-
-    names, _ = build_groups(param_names, granularity)
-    layers = [i for i, n in enumerate(names) if n.startswith("decoder") and "norm" not in n]
-    return layers[-1] if layers else len(names) - 1
-
-
 def build_method(cfg: MethodConfig, train_data: MultilingualDataset, param_names: list[str]):
-    """The per-language gradient method with its options from the CLI."""
-    from megavac.methods import build_method as build
+    """The per-language gradient method with its (resolved) options."""
+    from megavac.methods import RunInfo, method_class
 
-    K = train_data.num_tasks
     sizes = [train_data.meta["pairs"][t["pair"]]["train_raw"] for t in train_data.tasks]
-    options = {
-        "monolithic": {},
-        "pcgrad": {},
-        "gradvac": dict(beta=cfg.ema_beta, tasks=cfg.gradvac_tasks, sizes=sizes,
-                        size_threshold=cfg.resource_threshold, fixed_target=cfg.fixed_target),
-        "cats": dict(alpha_lr=cfg.cats_alpha_lr, cats_warm_steps=cfg.cats_warm_steps,
-                     cats_warm_interval=cfg.cats_warm_interval, cats_interval=cfg.cats_interval,
-                     **({} if cfg.langs_per_batch is None else {"langs_per_batch": cfg.langs_per_batch})),
-        "mgda": {},
-        # GradNorm balances gradient norms on the last shared layer: the last decoder layer.
-        "gradnorm": {"gradnorm_group": last_shared_layer(param_names, cfg.granularity)},
-    }
-    if cfg.method not in options:
-        raise ValueError(f"--method {cfg.method!r} is not one of {sorted(options)}")
-    return build(cfg.method, K, **options[cfg.method])
-
-
-def langs_per_pool(cfg: MethodConfig, method) -> int:
-    if cfg.langs_per_batch is not None:
-        return cfg.langs_per_batch
-    return getattr(method, "langs_per_batch", None) or 0
+    run = RunInfo(sizes=sizes, param_names=param_names, granularity=cfg.granularity)
+    return method_class(cfg.method).for_run(train_data.num_tasks, cfg.options, run)
 
 
 class Trainer:
@@ -121,10 +94,9 @@ class Trainer:
 
             model = make_pipeline_module(self.model_cfg, self.stages,
                                          PipelineLoss(self.K, meta["pad_id"], train.label_smoothing))
-            param_names = model.plain_param_names()
         else:
             model = Transformer(self.model_cfg)
-            param_names = [n for n, _ in model.named_parameters()]
+        _, param_names = model_param_names(model)  # the whole model's, as the parameter groups name them
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt(train.warmup_steps)))
@@ -140,7 +112,9 @@ class Trainer:
         # Dropout must differ across ranks but be reproducible: seed the torch RNG per rank after init.
         torch.manual_seed(train.seed * 1000 + self.rank)
 
-        # Per-language gradient method; monolithic keeps the plain path (no DeepSpeed internals).
+        # The plain step (monolithic training, and a method's steps without a Gram), then the per-language
+        # gradient method; monolithic training never touches DeepSpeed internals.
+        self.plain_step = PlainStep(self.engine, self.K, meta["pad_id"], train.label_smoothing, self.runner)
         self.method = build_method(method, self.train_data, param_names)
         self.pergrad = None
         if method.method != "monolithic":
@@ -149,14 +123,15 @@ class Trainer:
             self.pergrad = PerLanguageStep(
                 self.engine, self.method, self.K, pad_id=meta["pad_id"], label_smoothing=train.label_smoothing,
                 granularity=method.granularity, seed=train.seed, lang_names=self.train_data.names,
-                gram_log_dir=Path(train.save_dir) / "grams", gram_log_interval=method.gram_log_interval)
+                plain=self.plain_step, gram_log_dir=Path(train.save_dir) / "grams",
+                gram_log_interval=method.gram_log_interval)
 
         # Components
         lengths = [self.train_data.example_len(k, np.arange(n)) for k, n in enumerate(self.train_data.sizes)]
         self.probs = sampling_probs(self.train_data.sizes, data.temperature,
                                     parse_lang_weights(data.lang_weights, self.train_data.names))
         self.sampler = TemperatureSampler(lengths, self.probs, data.max_tokens, train.seed, self.dp_rank,
-                                          self.dp_world, data.pool_batches, langs_per_pool(method, self.method))
+                                          self.dp_world, data.pool_batches, method.langs_per_batch)
         self.validator = Validator(self.dev_data, train.valid_max_tokens, self.model_cfg.max_positions,
                                    self.dp_rank, self.dp_world, self.device, train.label_smoothing, self.runner)
         self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
@@ -204,41 +179,16 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from step {self.step} ({self.checkpointer.root})", flush=True)
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer update over ``ga`` micro-batches. Returns local sums
-        [loss × tokens, tokens, nll_k (K), tokens_k (K)] for logging."""
-        if self.pergrad is not None:
-            batches = [collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
-                       for _ in range(self.ga)]
-            out = self.pergrad.run(batches, self.step)
-            if out.gram_step and (self.step + 1) % self.cfg.lang_log_interval == 0:
-                self.metrics.write(self.step + 1, "method", out.lang_log(self.train_data.names))
-            stats = out.sums
-        else:
-            stats = self._plain_micro_steps()
-        if not math.isfinite(stats[0]):
-            raise FloatingPointError(f"non-finite training loss at step {self.step + 1}")
-        return stats
-
-    def _plain_micro_steps(self) -> torch.Tensor:
-        if self.runner is not None:  # pipeline: DeepSpeed's train_batch over the ga micro-batches
-            return self.runner.train_batch([collate(self.train_data, next(self.sampler), self.model_cfg.max_positions)
-                                            for _ in range(self.ga)])
-        K = self.K
-        stats = torch.zeros(2 + 2 * K, dtype=torch.float64)
-        for _ in range(self.ga):
-            batch = collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
-            logits = self.engine(batch.src, batch.tgt_in)
-            loss_k, nll_k, ntok_k = per_language_losses(logits, batch.tgt_out, batch.lang, K, self.train_data.pad_id,
-                                                        self.cfg.label_smoothing)
-            loss = loss_k.sum()
-            self.engine.backward(loss)
-            self.engine.step()
-            stats[0] += loss.item() * batch.ntokens
-            stats[1] += batch.ntokens
-            stats[2:2 + K] += nll_k.double().cpu()
-            stats[2 + K:] += ntok_k.double().cpu()
-        return stats
+    def train_step(self) -> LossTally:
+        """One optimizer update over ``ga`` micro-batches; returns this rank's per-language loss tally."""
+        batches = [collate(self.train_data, next(self.sampler), self.model_cfg.max_positions).to(self.device)
+                   for _ in range(self.ga)]
+        if self.pergrad is None:
+            return self.plain_step(batches)
+        out = self.pergrad.run(batches, self.step)
+        if out.gram_step and (self.step + 1) % self.cfg.lang_log_interval == 0:
+            self.metrics.write(self.step + 1, "method", out.lang_log(self.train_data.names))
+        return out.tally
 
     def validate(self) -> float:
         out = self.validator.run(self.engine)
@@ -253,9 +203,8 @@ class Trainer:
         self.checkpointer.save(self.engine, self.step, global_state=global_state,
                                rank_state={"sampler": self.sampler.state_dict()}, val_loss=val_loss)
 
-    def _log_languages(self, lang_stats: torch.Tensor):
-        K = self.K
-        nll = (lang_stats[:K] / lang_stats[K:].clamp(min=1)).tolist()
+    def _log_languages(self, tally: LossTally):
+        nll = tally.mean_nll().tolist()
         ratios = distributed.all_reduce_sum(torch.tensor(self.sampler.counts, dtype=torch.float64))
         ratios = (ratios / ratios.sum().clamp(min=1)).tolist()
         self.metrics.write(self.step, "lang", {"nll": dict(zip(self.train_data.names, nll)),
@@ -265,9 +214,14 @@ class Trainer:
                 f"{n} {x:.3f}/{r:.3f}({p:.3f})" for n, x, r, p in zip(self.train_data.names, nll, ratios, self.probs)),
                 flush=True)
 
+    def _finite(self, tally: LossTally) -> LossTally:
+        if not math.isfinite(tally.loss):
+            raise FloatingPointError(f"non-finite training loss in the steps up to {self.step}")
+        return tally
+
     def train(self):
-        cfg, K = self.cfg, self.K
-        window = torch.zeros(2 + 2 * K, dtype=torch.float64)
+        cfg = self.cfg
+        window = LossTally(self.K, device=self.device)  # on the device: read only at the log interval
         self.metrics.start(self.step)
         val_loss = None
         while self.step < cfg.max_steps:
@@ -275,12 +229,14 @@ class Trainer:
             self.step += 1
             last = self.step == cfg.max_steps
             if self.step % cfg.log_interval == 0 or last:
-                g = distributed.all_reduce_sum(window.clone().to(self.device)).cpu()
-                self.metrics.progress(self.step, g[0].item() / max(g[1].item(), 1), self.engine.get_lr()[0], int(g[1]))
+                g = self._finite(window.all_reduce())
+                self.metrics.progress(self.step, g.loss, self.engine.get_lr()[0], int(g.tokens))
                 if self.step % cfg.lang_log_interval == 0 or last:
-                    self._log_languages(g[2:])
+                    self._log_languages(g)
                 window.zero_()
             saving = self.step % cfg.save_interval == 0 or last
+            if saving:  # the losses since the last progress line, before a checkpoint can be written
+                self._finite(window.all_reduce())
             if self.step % cfg.valid_interval == 0 or saving:
                 val_loss = self.validate()
             if saving:

@@ -6,8 +6,8 @@ import math
 import torch
 
 from megavac.data import MultilingualDataset, collate, eval_batches
-from megavac.distributed import all_reduce_sum
-from megavac.loss import per_language_losses
+from megavac.loss import LossTally
+from megavac.plain_step import forward_losses
 
 
 class Validator:
@@ -23,37 +23,32 @@ class Validator:
     def run(self, engine) -> dict:
         """Returns per-task NLL per token and perplexity plus their unweighted average over tasks."""
         K = self.ds.num_tasks
-        sums = self._pipelined() if self.runner is not None else self._plain(engine)
+        tally = self._pipelined() if self.runner is not None else self._plain(engine)
         # Pipeline: only the last stage has sums (the other stages' are zero), so the world sum is right.
-        sums = all_reduce_sum(sums.to(self.device)).cpu()
-        tok = sums[2].clamp(min=1)
-        nll = (sums[1] / tok).tolist()
-        out = {"loss": dict(zip(self.ds.names, (sums[0] / tok).tolist())),
+        tally = tally.all_reduce()
+        nll = tally.mean_nll().tolist()
+        out = {"loss": dict(zip(self.ds.names, tally.mean_loss().tolist())),
                "nll": dict(zip(self.ds.names, nll)),
                "ppl": {n: math.exp(min(x, 50.0)) for n, x in zip(self.ds.names, nll)}}
         out["avg_nll"] = sum(nll) / K
         out["avg_loss"] = sum(out["loss"].values()) / K
         return out
 
-    def _plain(self, engine) -> torch.Tensor:
-        """float64 [3, K]: label-smoothed loss, nll and tokens per language over this rank's batches."""
+    def _plain(self, engine) -> LossTally:
+        """Label-smoothed loss, nll and tokens per language over this rank's batches."""
         K = self.ds.num_tasks
-        sums = torch.zeros(3, K, dtype=torch.float64)
+        tally = LossTally(K, device=self.device)
         engine.eval()
         for items in self.batches:
             # Ranks with no batch left still run one (zero-weighted) forward: ZeRO-3 gathers collectively.
             batch = collate(self.ds, items or [(0, 0)], self.max_positions).to(self.device)
-            logits = engine(batch.src, batch.tgt_in)
-            loss_k, nll_k, ntok_k = per_language_losses(logits, batch.tgt_out, batch.lang, K, self.ds.pad_id,
-                                                        self.smoothing)
+            loss_k, nll_k, ntok_k = forward_losses(engine, batch, K, self.ds.pad_id, self.smoothing)
             if items:
-                sums[0] += (loss_k * batch.ntokens).double().cpu()
-                sums[1] += nll_k.double().cpu()
-                sums[2] += ntok_k.double().cpu()
+                tally.add(loss_k, nll_k, ntok_k, batch.ntokens)
         engine.train()
-        return sums
+        return tally
 
-    def _pipelined(self) -> torch.Tensor:
+    def _pipelined(self) -> LossTally:
         batches = []
         for items in self.batches:
             batch = collate(self.ds, items or [(0, 0)], self.max_positions)
@@ -61,4 +56,4 @@ class Validator:
                 batch.tgt_out.fill_(self.ds.pad_id)
                 batch.ntokens = 0
             batches.append(batch.to(self.device))
-        return self.runner.eval_records(batches)
+        return self.runner.eval_tally(batches)

@@ -62,3 +62,46 @@ def test_help_shows_field_docs(capsys):
     out = capsys.readouterr().out
     assert "Sampling temperature T" in out and "--warmup-steps" in out and "--no-resume" in out
     json.dumps(vars(build_parser().parse_args([])))
+
+
+def _method(argv):
+    from megavac.config import build_parser, method_config_from_args
+
+    return method_config_from_args(build_parser().parse_args(argv))
+
+
+def test_each_method_gets_its_papers_defaults_and_owns_its_options():
+    assert _method([]).granularity == "whole_model"  # monolithic: no Gram anyway
+    assert (_method(["--method", "pcgrad"]).granularity, _method(["--method", "mgda"]).granularity) == \
+        ("whole_model", "whole_model")
+    gv = _method(["--method", "gradvac"])
+    assert gv.granularity == "all_layer" and gv.options["tasks"] == "lrl" and gv.options["beta"] == 1e-2
+    cats = _method(["--method", "cats"])
+    assert cats.granularity == "whole_model" and cats.langs_per_batch == 8
+    assert _method(["--method", "pcgrad", "--granularity", "all_layer"]).granularity == "all_layer"
+    # Every option of every method is a flag --<method>-<option>.
+    from megavac.methods import METHODS, method_options
+
+    for name in METHODS:
+        for opt, default in method_options(name).items():
+            flag = f"--{name}-{opt.replace('_', '-')}"
+            value = "none" if default is None else str(default)
+            if name == "gradvac" and opt == "fixed_target":
+                value = "0.5"
+            got = _method(["--method", name, flag, value]).options[opt]
+            assert got == (None if value == "none" else type(default or 0.5)(value)), (flag, got)
+    m = _method(["--method", "gradnorm", "--gradnorm-alpha", "0.5", "--gradnorm-lr", "0.1"])
+    assert m.options == {"alpha": 0.5, "lr": 0.1}
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "gradvac", "--cats-alpha-lr", "1.0"], "--cats-alpha-lr is an option of --method cats"),
+    (["--method", "gradvac", "--gradvac-fixed-target", "1"], "fixed_target.*1.0"),
+    (["--method", "gradvac", "--gradvac-fixed-target", "-1"], "fixed_target.*-1.0"),
+    (["--method", "mgda", "--mgda-variant", "newton"], "'newton'"),
+    (["--method", "pcgrad", "--granularity", "per_head"], "'per_head'"),
+    (["--method", "sgd"], "'sgd'"),
+])
+def test_method_flags_are_checked_by_name(argv, match):
+    with pytest.raises(ValueError, match=match):
+        _method(argv)

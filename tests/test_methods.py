@@ -35,6 +35,11 @@ def problem(K, seed, absent=True, zero=True, base=None, noise=1.0):
     return groups, present
 
 
+# Options that make every method runnable on a bare Gram: GradVac's default (LRL_only) needs the languages'
+# training-set sizes, which these tests do not have; CATS updates α every step.
+OPTS = {"gradvac": {"tasks": "all"}, "cats": {"warm_interval": 1}}
+
+
 def gram_of(groups):
     return torch.stack([v @ v.T for v in groups])
 
@@ -71,7 +76,7 @@ def test_pcgrad_matches_literal(K, order):
 
 
 def _gradvac_run(K, steps, order="shared", **options):
-    m = build_method("gradvac", K, order=order, **options)
+    m = build_method("gradvac", K, order=order, **{"tasks": "all", **options})
     gen = torch.Generator().manual_seed(7)
     ema = [[[0.0] * K for _ in range(K)] for _ in DIMS]
     base, _ = problem(K, 999, absent=False, zero=False)
@@ -128,8 +133,8 @@ def test_mgda_matches_literal(K, variant):
 @pytest.mark.parametrize("alpha_step", ["implicit", "explicit"])
 def test_cats_matches_literal_over_steps(alpha_step):
     K = 5
-    opts = dict(alpha_lr=0.1, lambda_lr=0.5, epsilon=0.05, curvature_budget=0.5, cats_warm_steps=6,
-                cats_warm_interval=2, cats_interval=3, alpha_step=alpha_step)
+    opts = dict(alpha_lr=0.1, lambda_lr=0.5, epsilon=0.05, curvature_budget=0.5, warm_steps=6,
+                warm_interval=2, interval=3, alpha_step=alpha_step)
     m = build_method("cats", K, **opts)
     r = ref.CATSRef(K, alpha_lr=0.1, lambda_lr=0.5, epsilon=0.05, curvature_budget=0.5, warm_steps=6,
                     warm_interval=2, interval=3, alpha_step=alpha_step)
@@ -147,7 +152,7 @@ def test_cats_matches_literal_over_steps(alpha_step):
 
 def test_gradnorm_matches_literal_over_steps():
     K = 5
-    m = build_method("gradnorm", K, gradnorm_alpha=1.5, gradnorm_lr=0.05, gradnorm_group=-1)
+    m = build_method("gradnorm", K, alpha=1.5, lr=0.05, group=-1)
     r = ref.GradNormRef(K, alpha=1.5, lr=0.05, group=-1)
     gen = torch.Generator().manual_seed(3)
     for step in range(8):
@@ -193,7 +198,7 @@ def test_gradvac_reaches_target_on_last_altered_pair():
     # last j of a row nothing alters g'_i afterwards, so the final cosine is ≥ the target.
     K, target = 5, 0.4
     groups, present = problem(K, 3, absent=False, zero=False)
-    m = build_method("gradvac", K, fixed_target=target)
+    m = build_method("gradvac", K, fixed_target=target, tasks="all")
     m.weights(gram_of(groups), ctx(0, present, torch.Generator().manual_seed(2)))
     for v in groups:
         for i in range(K):
@@ -211,7 +216,7 @@ def test_gradvac_reaches_target_on_last_altered_pair():
 @pytest.mark.parametrize("order", ["shared", "independent"])
 def test_gradvac_fixed_target_zero_is_pcgrad(order):
     K = 6
-    a = build_method("gradvac", K, fixed_target=0.0, order=order)
+    a = build_method("gradvac", K, fixed_target=0.0, order=order, tasks="all")
     b = build_method("pcgrad", K, order=order)
     ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for step in range(3):
@@ -222,7 +227,7 @@ def test_gradvac_fixed_target_zero_is_pcgrad(order):
         assert torch.allclose(wa, wb, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,options", [("pcgrad", {}), ("gradvac", {"beta": 0.3}), ("mgda", {}),
+@pytest.mark.parametrize("name,options", [("pcgrad", {}), ("gradvac", {"beta": 0.3, "tasks": "all"}), ("mgda", {}),
                                           ("pcgrad", {"order": "independent"})])
 def test_weights_invariant_to_gradient_scale(name, options):
     K = 5
@@ -267,13 +272,13 @@ def test_monolithic_is_ones_and_cheap():
 
 
 def test_cats_schedule_and_cheap_path():
-    m = build_method("cats", 4, cats_warm_steps=100, cats_warm_interval=10, cats_interval=1000)
+    m = build_method("cats", 4, warm_steps=100, warm_interval=10, interval=1000)
     meta = [s for s in range(2100) if m.needs_gram(s)]
     assert meta == list(range(9, 100, 10)) + [999, 1999]
     groups, present = problem(4, 2)
     w = m.weights(gram_of(groups), ctx(0, present, torch.Generator()))  # not a meta step: α, no update
     assert torch.equal(w, torch.ones(3, 4, dtype=torch.float64)) and m.updates == 0
-    assert m.langs_per_batch == 8 and build_method("cats", 4, langs_per_batch=4).langs_per_batch == 4
+    assert METHODS["cats"].default_langs_per_batch == 8 and METHODS["pcgrad"].default_langs_per_batch is None
 
 
 def test_cats_constraints_improve_on_synthetic_problem():
@@ -284,7 +289,7 @@ def test_cats_constraints_improve_on_synthetic_problem():
     v = torch.randn(K, 9, generator=gen, dtype=torch.float64) + 0.4
     gram = (v @ v.T)[None]
     gram = gram / gram.sum() * 2.0  # plain-training curvature 1ᵀG1 = 2
-    m = build_method("cats", K, alpha_lr=0.1, epsilon=eps, curvature_budget=1.5, cats_warm_interval=1)
+    m = build_method("cats", K, alpha_lr=0.1, epsilon=eps, curvature_budget=1.5, warm_interval=1)
     present = torch.ones(K, dtype=torch.bool)
     curv, gaps = [], []
     for step in range(1500):
@@ -295,7 +300,7 @@ def test_cats_constraints_improve_on_synthetic_problem():
     assert gaps[-1] < 0.5 * max(gaps[:20]) and gaps[-1] < 0.1  # Σα → N
     assert float(m.alpha.min()) >= eps - 1e-3
     # An unreachable budget (the default ε_c = ε) makes λ_c grow forever; the implicit step stays finite.
-    m = build_method("cats", K, alpha_lr=1.0, cats_warm_interval=1)
+    m = build_method("cats", K, alpha_lr=1.0, warm_interval=1)
     for step in range(3000):
         m.weights(gram * 50, ctx(step, present, gen))
     assert torch.isfinite(m.alpha).all() and m.lambda_c > 100 and m.curvature(gram) < 2.0
@@ -306,7 +311,7 @@ def test_gradnorm_balances_weighted_gradient_norms():
     K = 4
     norms = torch.tensor([0.2, 1.0, 3.0, 0.5], dtype=torch.float64)
     gram = torch.diag(norms ** 2)[None].expand(2, K, K).clone()
-    m = build_method("gradnorm", K, gradnorm_lr=0.01)
+    m = build_method("gradnorm", K, lr=0.01)
     present, losses = torch.ones(K, dtype=torch.bool), torch.ones(K, dtype=torch.float64)
     spread = lambda: float((m.w * norms).std() / (m.w * norms).mean())
     before = spread()
@@ -330,7 +335,7 @@ def degenerate_grams(K):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_degenerate_grams_give_finite_weights(name):
     K = 4
-    m = build_method(name, K, **({"cats_warm_interval": 1} if name == "cats" else {}))
+    m = build_method(name, K, **OPTS.get(name, {}))
     gram = degenerate_grams(K)
     present = torch.ones(K, dtype=torch.bool)
     losses = torch.ones(K, dtype=torch.float64)
@@ -346,7 +351,7 @@ def test_degenerate_grams_give_finite_weights(name):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_non_finite_gram_is_skipped_and_state_untouched(name, bad):
     K = 4
-    m = build_method(name, K, **({"cats_warm_interval": 1} if name == "cats" else {}))
+    m = build_method(name, K, **OPTS.get(name, {}))
     present, losses = torch.ones(K, dtype=torch.bool), torch.linspace(1, 2, K, dtype=torch.float64)
     groups, _ = problem(K, 8, absent=False)
     gram = gram_of(groups)
@@ -373,7 +378,7 @@ def test_zero_and_absent_languages_are_left_out():
     groups, present = problem(K, 4)
     gram = gram_of(groups)
     for name in ("pcgrad", "gradvac", "mgda"):
-        m = build_method(name, K)
+        m = build_method(name, K, **OPTS.get(name, {}))
         w = m.weights(gram, ctx(0, present, torch.Generator()))
         assert torch.isfinite(w).all()
         if name != "mgda":  # C row of an absent language stays e_i; nobody adds multiples of zero vectors
@@ -387,11 +392,11 @@ def test_gradvac_targets_at_plus_minus_one_are_clamped():
     K = 4
     groups, present = problem(K, 6, absent=False, zero=False)
     gram = gram_of(groups)
-    for target in (1.0, -1.0):
-        m = build_method("gradvac", K, fixed_target=target)
-        w = m.weights(gram, ctx(0, present, torch.Generator()))
-        assert torch.isfinite(w).all()
-    m = build_method("gradvac", K)
+    for target in (1.0, -1.0, 1.5):  # Eq. 2 divides by √(1 − φ̂²): a fixed target of ±1 is refused by name
+        with pytest.raises(ValueError, match=f"fixed_target.*{target}"):
+            build_method("gradvac", K, fixed_target=target, tasks="all")
+    # An EMA target can still approach ±1 (it averages cosines): clamped where used.
+    m = build_method("gradvac", K, tasks="all")
     m.load_state_dict({"skipped": 0, "ema": torch.ones(3, K, K, dtype=torch.float64)})
     w = m.weights(gram, ctx(0, present, torch.Generator()))
     # Target 1 − 1e-6: reaching cosine 0.999999 with a₁ = 1 takes a coefficient up to ≈ 1/√(2·1e-6) ≈ 707
@@ -405,10 +410,49 @@ def test_gradvac_targets_at_plus_minus_one_are_clamped():
     assert TARGET_EPS == ref.TARGET_EPS and VANISHED == ref.VANISHED  # the spec both sides implement
 
 
+@pytest.mark.parametrize("order", ["shared", "independent"])
+@pytest.mark.parametrize("name", ["gradvac", "pcgrad", "gradvac_fixed"])
+def test_anti_parallel_pairs_with_large_norms_stay_finite(name, order):
+    # An exactly anti-parallel pair with ‖g‖ ~ 1e3–1e4: once g'_i is projected away its squared norm must be
+    # 0, not −1e-9 (which made φ's rsqrt NaN and the EMA NaN forever). Many steps, EMA finite throughout,
+    # no step counted as skipped, and the weights of the literal algorithm.
+    K, D = 4, 16
+    gen = torch.Generator().manual_seed(3)
+    m = build_method(name.split("_")[0], K, order=order,
+                     **({"tasks": "all", **({"fixed_target": 0.5} if name == "gradvac_fixed" else {})}
+                        if name.startswith("gradvac") else {}))
+    rng = torch.Generator().manual_seed(5)
+    for step in range(60):
+        scale = 10.0 ** (3 + torch.rand(1, generator=rng).item())
+        u = torch.randn(D, generator=rng, dtype=torch.float64)
+        v = torch.randn(D, generator=rng, dtype=torch.float64)
+        g = torch.stack([u, -u * (1 + step % 3), v, -v]) * scale  # pairs (0, 1) and (2, 3) exactly opposite
+        gram = (g @ g.T)[None].expand(2, K, K).clone()
+        w = m.weights(gram, ctx(step, torch.ones(K, dtype=torch.bool), gen))
+        assert torch.isfinite(w).all(), (step, w)
+        if name == "gradvac":
+            assert torch.isfinite(m.ema).all(), step
+            assert float(m.ema.abs().max()) <= 1.0
+    assert m.skipped == 0
+
+
+def test_altered_norm_cannot_go_negative():
+    from megavac.methods.pcgrad import _altered_norm
+
+    # g'_i = −g_j exactly, ‖g‖² = 1e8: adding a = 1 (PCGrad's projection) leaves the zero vector.
+    n = torch.tensor([[1e8 * (1 + 3e-16)]], dtype=torch.float64)
+    x = torch.tensor([[-1e8]], dtype=torch.float64)
+    gjj = torch.tensor([[1e8]], dtype=torch.float64)
+    a = -x / gjj
+    assert float(n + 2 * a * x + a * a * gjj) != 0.0  # the expanded form is rounding noise of either sign
+    assert float(_altered_norm(n, x, a, gjj)) >= 0.0
+    assert float(_altered_norm(n, x, a, gjj)) <= 1e-7 * 1e8
+
+
 # --------------------------------------------------------------------------------------- state
 
 @pytest.mark.parametrize("name,options", [
-    ("gradvac", {"beta": 0.3}), ("cats", {"cats_warm_interval": 2}), ("gradnorm", {}), ("pcgrad", {}),
+    ("gradvac", {"beta": 0.3, "tasks": "all"}), ("cats", {"warm_interval": 2}), ("gradnorm", {}), ("pcgrad", {}),
     ("mgda", {}), ("monolithic", {})])
 def test_state_dict_round_trip_continues_identically(name, options):
     K = 5
@@ -439,7 +483,7 @@ def test_state_dict_round_trip_continues_identically(name, options):
 
 
 def test_load_state_dict_rejects_bad_values():
-    m = build_method("gradvac", 4)
+    m = build_method("gradvac", 4, tasks="all")
     with pytest.raises(ValueError, match="ema"):
         m.load_state_dict({"skipped": 0, "ema": torch.zeros(2, 3, 3)})
     with pytest.raises(ValueError, match="alpha"):
@@ -465,7 +509,7 @@ GOLDEN = {  # verified against tests/reference_methods.py (vectors = Cholesky fa
 
 
 def _golden(name):
-    m = build_method(name, 4, **({"beta": 0.5} if name == "gradvac" else {}))
+    m = build_method(name, 4, **({"beta": 0.5, "tasks": "all"} if name == "gradvac" else {}))
     gen = torch.Generator().manual_seed(1234)
     present = torch.ones(4, dtype=torch.bool)
     w = m.weights(GOLDEN_GRAM, ctx(0, present, gen))
@@ -482,14 +526,14 @@ def test_golden_weights(name):
 
 def test_golden_cats_and_gradnorm_state():
     present = torch.ones(4, dtype=torch.bool)
-    m = build_method("cats", 4, cats_warm_interval=1, alpha_lr=0.1, epsilon=0.05, curvature_budget=2.0)
+    m = build_method("cats", 4, warm_interval=1, alpha_lr=0.1, epsilon=0.05, curvature_budget=2.0)
     for step in range(3):
         m.weights(GOLDEN_GRAM, ctx(step, present, torch.Generator()))
     expected = [0.04438893365568394, 0.14685228966716926, 0.20429893257949525, 0.3382256785863865]
     assert torch.allclose(m.alpha, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
     assert m.lambda_c == pytest.approx(1.3185170150811478, rel=1e-12)
     assert m.lambda_s == pytest.approx(1.1069357494386096, rel=1e-12)
-    g = build_method("gradnorm", 4, gradnorm_lr=0.1)
+    g = build_method("gradnorm", 4, lr=0.1)
     for step, losses in enumerate([[2.0, 3.0, 1.0, 4.0], [1.5, 2.0, 0.9, 2.0], [1.0, 1.8, 0.8, 1.0]]):
         losses = torch.tensor(losses, dtype=torch.float64)
         g.weights(GOLDEN_GRAM, ctx(step, present, torch.Generator(), losses))
@@ -501,7 +545,7 @@ def test_golden_cats_and_gradnorm_state():
 
 def test_registry_and_user_errors():
     assert set(METHODS) == {"monolithic", "pcgrad", "gradvac", "cats", "mgda", "gradnorm"}
-    assert method_options("gradvac")["beta"] == 1e-2 and method_options("gradnorm")["gradnorm_group"] == -1
+    assert method_options("gradvac")["beta"] == 1e-2 and method_options("gradnorm") == {"alpha": 1.5, "lr": 0.025}
     with pytest.raises(ValueError, match="'sgd'"):
         build_method("sgd", 4)
     with pytest.raises(ValueError, match="betta"):
@@ -524,6 +568,6 @@ def test_registry_and_user_errors():
     g = build_method("gradnorm", 4)
     with pytest.raises(ValueError, match="losses"):
         g.weights(torch.eye(4)[None], ctx(0, torch.ones(4, dtype=torch.bool), torch.Generator()))
-    with pytest.raises(ValueError, match="gradnorm_group=5"):
-        build_method("gradnorm", 4, gradnorm_group=5).weights(
+    with pytest.raises(ValueError, match="group=5"):
+        build_method("gradnorm", 4, group=5).weights(
             torch.eye(4)[None], ctx(0, torch.ones(4, dtype=torch.bool), torch.Generator(), torch.ones(4)))

@@ -21,9 +21,11 @@ import torch
 
 from conftest import REPO, free_port, run
 from megavac.ds_adapter import Segment
+from megavac.loss import LossTally
 from megavac.methods import build_method
 from megavac.model import ModelConfig, Transformer
-from megavac.pergrad import GradCollector, LanguageGrads, PerLanguageStep, build_groups
+from megavac.groups import build_groups
+from megavac.pergrad import GradCollector, LanguageGrads, PerLanguageStep
 
 HELPER = REPO / "tests" / "helpers" / "pergrad_check.py"
 FP32_TOL = 1e-5
@@ -71,7 +73,7 @@ class FakePartition:
     """Stands in for ds_adapter.GradPartition: a local vector with padding and a segment map."""
 
     def __init__(self, names, sizes, pad_every=3):
-        self.param_names = names
+        self.param_names = self.all_param_names = names
         self.segments, off = [], 0
         for i, n in enumerate(sizes):
             self.segments.append(Segment(off, n, i, 0))
@@ -112,11 +114,16 @@ class FakePartition:
 class FakeCollector(GradCollector):
     def __init__(self, part, slices, present):
         self.partition, self.slices, self.present = part, slices, present
+        K = slices.shape[0]
+        self.loss_sums = torch.arange(1, K + 1, dtype=torch.float64) * 10.0
+        self.tokens = torch.arange(1, K + 1, dtype=torch.float64) * 4.0
 
     def collect(self, batches):
         K = self.slices.shape[0]
-        return LanguageGrads(self.slices.clone(), torch.arange(K), self.present.clone(), torch.ones(K, dtype=torch.float64),
-                             torch.zeros(2 + 2 * K, dtype=torch.float64))
+        tally = LossTally(K)
+        tally.sums[LossTally.LOSS] = self.loss_sums
+        tally.sums[LossTally.TOKENS] = self.tokens
+        return LanguageGrads(self.slices.clone(), torch.arange(K), self.present.clone(), tally)
 
 
 def _fake_step(method, granularity="all_layer", K=3, seed=0, nonfinite=False, scale=1.0):
@@ -191,8 +198,21 @@ def test_fp16_loss_scale_is_taken_out_of_the_gram_but_not_the_update():
     assert engine.steps == 1 and part.boundary is None
 
 
+def test_method_sees_mean_token_losses_not_shares():
+    # GradNorm's L_i(t)/L_i(0) needs each language's mean token loss: Σ token losses ÷ its tokens.
+    rec = Recorder()
+    seen = {}
+    rec.weights = lambda gram, ctx: seen.setdefault("losses", ctx.losses.clone()) is not None and \
+        torch.ones(gram.shape[:2], dtype=torch.float64)
+    pls, part, slices, engine = _fake_step(rec, "whole_model")
+    stats = pls.gram_step([None], step=0)
+    want = torch.full((3,), 2.5, dtype=torch.float64)  # (10 k) / (4 k)
+    torch.testing.assert_close(seen["losses"], want, rtol=0, atol=0)
+    torch.testing.assert_close(stats.losses, want, rtol=0, atol=0)
+
+
 def test_nonfinite_slice_skips_the_method_and_leaves_the_overflow_to_deepspeed():
-    method = build_method("gradvac", 3, beta=0.5)
+    method = build_method("gradvac", 3, beta=0.5, tasks="all")
     pls, part, slices, engine = _fake_step(method, "all_layer", nonfinite=True)
     stats = pls.gram_step([None], step=0)
     assert stats.skipped and method.skipped == 1

@@ -133,7 +133,7 @@ def test_per_language_slices(tmp_path):
     assert cats.numbers["pergrad_bytes"] == pytest.approx(3 * P / 4 * 4)  # only the languages present
     # Without --langs-per-batch CATS draws its own default (megavac.methods owns it: 8 of the 28 languages).
     cats = _plan(tmp_path, method=MethodConfig(method="cats"), ds="zero2.json", world_size=4)
-    assert plan.default_langs_per_batch(MethodConfig(method="cats")) == 8
+    assert MethodConfig(method="cats").resolve().langs_per_batch == 8
     assert cats.numbers["pergrad_bytes"] == pytest.approx(8 * P / 4 * 4)
 
 

@@ -72,9 +72,9 @@ def test_epochs_cover_every_example_of_a_task():
     assert sorted(drawn[:50]) == list(range(50)) and sorted(drawn[50:]) == list(range(50))
 
 
-def test_langs_per_pool_limits_languages_per_batch():
+def test_langs_per_batch_limits_languages_per_batch():
     p = sampling_probs(SIZES, math.inf)
-    s = TemperatureSampler(lengths(), p, 300, seed=2, pool_batches=1, langs_per_pool=2)
+    s = TemperatureSampler(lengths(), p, 300, seed=2, pool_batches=1, langs_per_batch=2)
     seen = set()
     for _ in range(200):
         langs = {k for k, _ in next(s)}
@@ -82,7 +82,7 @@ def test_langs_per_pool_limits_languages_per_batch():
         seen |= langs
     assert seen == {0, 1, 2, 3}  # the subset is redrawn every pool
     with pytest.raises(ValueError, match="langs_per_batch=5"):
-        TemperatureSampler(lengths(), p, 300, seed=2, langs_per_pool=5)
+        TemperatureSampler(lengths(), p, 300, seed=2, langs_per_batch=5)
 
 
 def test_dataset_selects_tasks_in_the_given_order_and_names_unknown_ones(small_synthetic):

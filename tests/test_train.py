@@ -135,7 +135,7 @@ def test_real_corpora_through_the_whole_pipeline(tmp_path):
 
 def test_gradvac_two_ranks_resumes_exactly_with_its_ema_state(small_synthetic, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    extra = ["--method", "gradvac", "--gradvac-tasks", "lrl", "--resource-threshold", "1000", "--granularity",
+    extra = ["--method", "gradvac", "--gradvac-tasks", "lrl", "--gradvac-size-threshold", "1000", "--granularity",
              "all_layer", "--gram-log-interval", "3", "--save-interval", "3"]
     run(deepspeed_cmd(2, *args(small_synthetic, full, "--max-steps", 6, *extra)))
     run(deepspeed_cmd(2, *args(small_synthetic, part, "--max-steps", 3, *extra)))

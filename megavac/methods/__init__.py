@@ -5,9 +5,9 @@ the trainer calls (``needs_gram``, ``loss_weights``, ``weights``, ``state_dict``
 """
 from __future__ import annotations
 
-import inspect
+from dataclasses import asdict
 
-from megavac.methods.base import GramMethod, StepContext
+from megavac.methods.base import GramMethod, RunInfo, StepContext
 from megavac.methods.cats import CATS
 from megavac.methods.gradnorm import GradNorm
 from megavac.methods.gradvac import GradVac
@@ -25,22 +25,22 @@ METHODS: dict[str, type[GramMethod]] = {
 }
 
 
-def method_options(name: str) -> dict:
-    """Options a method accepts, with their defaults."""
+def method_class(name: str) -> type[GramMethod]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    params = list(inspect.signature(METHODS[name].__init__).parameters.values())[2:]
-    return {p.name: p.default for p in params}
+    return METHODS[name]
 
 
-def build_method(name: str, num_langs: int, **options) -> GramMethod:
-    """Instantiate method ``name`` for ``num_langs`` languages; unknown names/options raise ValueError."""
-    allowed = method_options(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {unknown}; it accepts {sorted(allowed)}")
-    return METHODS[name](num_langs, **options)
+def method_options(name: str) -> dict:
+    """Options a method accepts (its ``Options`` fields), with their defaults."""
+    return asdict(method_class(name).Options())
 
 
-__all__ = ["CATS", "GradNorm", "GradVac", "GramMethod", "MGDA", "METHODS", "Monolithic", "PCGrad",
-           "StepContext", "build_method", "method_options"]
+def build_method(name: str, num_langs: int, **kwargs) -> GramMethod:
+    """Instantiate method ``name`` for ``num_langs`` languages with its options (and, for GradVac, the
+    training-set ``sizes``; for GradNorm, the ``group`` of W); unknown names/options raise ValueError."""
+    return method_class(name)(num_langs, **kwargs)
+
+
+__all__ = ["CATS", "GradNorm", "GradVac", "GramMethod", "MGDA", "METHODS", "Monolithic", "PCGrad", "RunInfo",
+           "StepContext", "build_method", "method_class", "method_options"]

@@ -22,6 +22,8 @@ Conventions shared by all methods:
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,27 +36,67 @@ class StepContext:
     present: torch.Tensor
     """bool [K]: language has gradient in this step (absent => zero row/column in the Gram)."""
     losses: torch.Tensor | None
-    """float [K]: per-language loss shares of this step (detached), used by GradNorm."""
+    """float [K]: per-language MEAN token loss of this step's global batch (label-smoothed training loss,
+    detached; 0 for absent languages), used by GradNorm's loss ratios. Not the loss shares: a share
+    depends on how many of the batch's tokens the language holds, which length packing varies."""
     generator: torch.Generator
     """The only source of randomness, so a reference can replay it."""
 
 
+@dataclass
+class RunInfo:
+    """What a method may read of the run it is built for (beyond its options)."""
+
+    sizes: list[int]
+    """Training pairs per language, in the order of the languages."""
+    param_names: list[str]
+    """The whole model's parameter names (``Transformer.named_parameters()``)."""
+    granularity: str
+    """The parameter groups of the Grams (megavac.groups)."""
+
+
 class GramMethod:
     """Base class: monolithic behaviour, shared validation and the skip path.
+
+    A method's user-facing options are the fields of its nested ``Options`` dataclass (one docstring per
+    field, validated in ``__post_init__``); the command line gets one flag per field,
+    ``--<method>-<field>`` (megavac.config). What comes from the data or the model rather than from the
+    user (GradVac's training-set sizes, GradNorm's group) is a constructor argument of its own.
 
     Subclasses override ``_weights`` (called with a validated, finite float64 Gram) and, when they
     carry state, ``state_dict``/``load_state_dict`` (calling the base versions for ``skipped``).
     """
 
     name = "base"
+    default_granularity = "whole_model"
+    """Parameter groups of the method's paper (each method states its own)."""
+    default_langs_per_batch: int | None = None
+    """Languages per batch the method's paper draws (CATS: 4 or 8); None: the sampler's, all languages."""
 
-    def __init__(self, num_langs: int):
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, num_langs: int, **options):
         if not isinstance(num_langs, int) or isinstance(num_langs, bool) or num_langs < 1:
             raise ValueError(f"num_langs must be a positive int, got {num_langs!r}")
         self.num_langs = num_langs
         self.skipped = 0
-        # Languages per batch the method would like the sampler to draw (CATS: K = 4/8); None = no wish.
-        self.langs_per_batch: int | None = None
+        self.options = self.make_options(**options)
+
+    @classmethod
+    def for_run(cls, num_langs: int, options: dict, run: RunInfo) -> "GramMethod":
+        """The method for a training run: its options plus what it reads of the run."""
+        return cls(num_langs, **options)
+
+    @classmethod
+    def make_options(cls, **options):
+        """The method's Options from keyword arguments; unknown names are a ValueError naming them."""
+        allowed = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no option(s) {unknown}; it accepts {allowed}")
+        return cls.Options(**options)
 
     # ----------------------------------------------------------------------------- public interface
     def needs_gram(self, step: int) -> bool:
@@ -121,3 +163,25 @@ def check_state_tensor(name: str, value, shape: tuple, what: str) -> torch.Tenso
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name} state_dict: {what} must have shape {tuple(shape)}, got {got}")
     return value.detach().to(torch.float64).clone()
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number (an int with ``integer``) in the
+    interval given by ``low``/``high`` (closed unless ``low_open``/``high_open``)."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
+        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+        where = f" in {lo or '(-inf, '}{hi or 'inf)'}" if (low is not None or high is not None) else ""
+        raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'}{where}, got {value!r}")

@@ -33,13 +33,13 @@ The reading implemented here (the paper is inconsistent in two places):
    ``alpha_step="explicit"`` gives the literal SGD step.
 
 Schedule (Algorithm 1: M steps of θ with a frozen clone of α, then one meta step with the gradients of
-the last of them): the meta step happens at steps with (step + 1) % M == 0, M = ``cats_warm_interval``
-(10; the paper also uses 100) while step < ``cats_warm_steps`` (8000; 16k in the paper for OPUS-100),
-then M = ``cats_interval`` (1000). Only those steps need the Gram (``needs_gram``); on all others the
+the last of them): the meta step happens at steps with (step + 1) % M == 0, M = ``warm_interval``
+(10; the paper also uses 100) while step < ``warm_steps`` (8000; 16k in the paper for OPUS-100),
+then M = ``interval`` (1000). Only those steps need the Gram (``needs_gram``); on all others the
 trainer runs the monolithic path with ``loss_weights()`` = α. On a meta step the returned weights are
 the α used BEFORE the meta update (the clone α̃ of Algorithm 1); the new α applies from the next step.
-The per-batch language count K (``langs_per_batch``: 4 for TED/WMT, 8 for OPUS-100) is recorded for
-the trainer's sampler. Absent languages have zero Gram rows, so only the Σα and α ≥ ε terms move them.
+The per-batch language count K (4 for TED/WMT, 8 for OPUS-100: ``default_langs_per_batch``) is the
+sampler's (``--langs-per-batch``). Absent languages have zero Gram rows, so only the Σα and α ≥ ε terms move them.
 Scale: ∂c/∂α = 2Gα has the units of squared gradient norms, so ``alpha_lr`` interacts with the loss
 scale (g_n are gradients of loss shares). With an unreachable curvature budget (the default ε_c = ε =
 1e-3 usually is) λ_c grows by lr·(c − ε_c) per meta step, so the curvature term gains weight over
@@ -49,53 +49,63 @@ penalty / multiplier terms and hold only approximately. A reachable ``curvature_
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from megavac.methods.base import GramMethod, check_state_tensor
-
-
-def _positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
+from megavac.methods.base import GramMethod, check_choice, check_number, check_state_tensor
 
 
 class CATS(GramMethod):
-    name = "cats"
+    """CATS with the reading of the module docstring; defaults are the paper's OPUS-100 settings."""
 
-    def __init__(
-        self,
-        num_langs: int,
-        alpha_lr: float = 0.1,
-        lambda_lr: float | None = None,
-        epsilon: float = 1e-3,
-        curvature_budget: float | None = None,
-        cats_warm_steps: int = 8000,
-        cats_warm_interval: int = 10,
-        cats_interval: int = 1000,
-        langs_per_batch: int = 8,
-        alpha_step: str = "implicit",
-    ):
-        super().__init__(num_langs)
-        self.alpha_lr = _positive("alpha_lr", alpha_lr)
-        self.lambda_lr = self.alpha_lr if lambda_lr is None else _positive("lambda_lr", lambda_lr)
-        self.epsilon = _positive("epsilon", epsilon, allow_zero=True)
-        self.curvature_budget = self.epsilon if curvature_budget is None else _positive(
-            "curvature_budget", curvature_budget, allow_zero=True)
-        for key, v in (("cats_warm_steps", cats_warm_steps), ("cats_warm_interval", cats_warm_interval),
-                       ("cats_interval", cats_interval), ("langs_per_batch", langs_per_batch)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "cats_warm_steps" else 1):
-                raise ValueError(f"{key} must be a positive int, got {v!r}")
-        if alpha_step not in ("implicit", "explicit"):
-            raise ValueError(f"alpha_step must be 'implicit' or 'explicit', got {alpha_step!r}")
-        self.alpha_step = alpha_step
-        self.warm_steps = cats_warm_steps
-        self.warm_interval = cats_warm_interval
-        self.interval = cats_interval
-        self.langs_per_batch = langs_per_batch
+    name = "cats"
+    # The meta objective is the whole model's curvature ‖Σ α_n g_n‖²: finer groups would only be summed.
+    default_granularity = "whole_model"
+    # Appendix B: K = 8 languages per batch on OPUS-100 (4 on TED and WMT).
+    default_langs_per_batch = 8
+
+    @dataclass
+    class Options:
+        alpha_lr: float = 0.1
+        """Learning rate of the task weights α (the paper uses 0.1 or 1.0)."""
+        lambda_lr: float | None = None
+        """Learning rate of the gradient ascent on the multipliers λ; None: alpha_lr."""
+        epsilon: float = 1e-3
+        """ε of the constraint α_n ≥ ε."""
+        curvature_budget: float | None = None
+        """Curvature budget ε_c of the constraint ‖Σ α_n g_n‖² ≤ ε_c; None: epsilon (the paper writes one ε)."""
+        warm_steps: int = 8000
+        """Steps during which α is updated every warm_interval steps (the paper: 16k on OPUS-100)."""
+        warm_interval: int = 10
+        """α-update interval M early in training (10 or 100 in the paper)."""
+        interval: int = 1000
+        """α-update interval M after warm_steps."""
+        alpha_step: str = "implicit"
+        """implicit: the proximal SGD step (I + lr H) α' = α + lr b, stable for any lr; explicit: the
+        literal SGD step, which diverges once the multipliers grow (see the module docstring)."""
+
+        def __post_init__(self):
+            check_number("cats alpha_lr", self.alpha_lr, low=0.0, low_open=True)
+            if self.lambda_lr is not None:
+                check_number("cats lambda_lr", self.lambda_lr, low=0.0, low_open=True)
+            check_number("cats epsilon", self.epsilon, low=0.0)
+            if self.curvature_budget is not None:
+                check_number("cats curvature_budget", self.curvature_budget, low=0.0)
+            check_number("cats warm_steps", self.warm_steps, low=0, integer=True)
+            check_number("cats warm_interval", self.warm_interval, low=1, integer=True)
+            check_number("cats interval", self.interval, low=1, integer=True)
+            check_choice("cats alpha_step", self.alpha_step, ("implicit", "explicit"))
+
+    def __init__(self, num_langs: int, **options):
+        super().__init__(num_langs, **options)
+        o = self.options
+        self.alpha_lr = float(o.alpha_lr)
+        self.lambda_lr = self.alpha_lr if o.lambda_lr is None else float(o.lambda_lr)
+        self.epsilon = float(o.epsilon)
+        self.curvature_budget = self.epsilon if o.curvature_budget is None else float(o.curvature_budget)
+        self.alpha_step = o.alpha_step
+        self.warm_steps, self.warm_interval, self.interval = o.warm_steps, o.warm_interval, o.interval
         K = num_langs
         self.alpha = torch.ones(K, dtype=torch.float64)
         self.lambda_c = 0.0

@@ -26,11 +26,12 @@ EMA itself is not clamped. Random order: see pcgrad.py (``order``, ``last_order`
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from megavac.methods.base import GramMethod, StepContext, active_mask, check_state_tensor
+from megavac.methods.base import (GramMethod, StepContext, active_mask, check_choice, check_number,
+                                  check_state_tensor)
 from megavac.methods.pcgrad import ORDERS, draw_order, pairwise_surgery
 
 TASKS = ("all", "lrl", "hrl")
@@ -42,9 +43,8 @@ def task_subset(num_langs: int, tasks: str, sizes, size_threshold) -> torch.Tens
         raise ValueError(f"tasks must be one of {TASKS}, got {tasks!r}")
     if tasks == "all":
         return torch.ones(num_langs, dtype=torch.bool)
-    if sizes is None or size_threshold is None:
-        raise ValueError(f"tasks={tasks!r} needs sizes and size_threshold, got sizes={sizes!r}, "
-                         f"size_threshold={size_threshold!r}")
+    if sizes is None:
+        raise ValueError(f"gradvac tasks={tasks!r} needs the languages' training-set sizes, got sizes=None")
     sizes = torch.as_tensor(sizes, dtype=torch.float64)
     if sizes.shape != (num_langs,):
         raise ValueError(f"sizes must have {num_langs} entries, got shape {tuple(sizes.shape)}")
@@ -53,39 +53,56 @@ def task_subset(num_langs: int, tasks: str, sizes, size_threshold) -> torch.Tens
 
 
 class GradVac(GramMethod):
-    """GradVac with per-(group, i, j) EMA targets, or a fixed target."""
+    """GradVac with per-(group, i, j) EMA targets, or a fixed target.
+
+    Defaults are the paper's headline configuration (Section 4, Appendix F, Tables 6-8), the one its
+    main results use: low-resource languages only (LRL_only), one Gram per layer (all_layer), β = 1e-2.
+    ``sizes`` (training pairs per language, from the data) decide which languages are low-resource.
+    """
 
     name = "gradvac"
+    default_granularity = "all_layer"
 
-    def __init__(
-        self,
-        num_langs: int,
-        beta: float = 1e-2,
-        tasks: str = "all",
-        sizes=None,
-        size_threshold: float | None = None,
-        fixed_target: float | None = None,
-        order: str = "shared",
-    ):
-        super().__init__(num_langs)
-        if not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
-            raise ValueError(f"beta must be in (0, 1], got {beta!r}")
-        if fixed_target is not None and not (
-            isinstance(fixed_target, (int, float)) and math.isfinite(fixed_target)
-            and -1.0 <= fixed_target <= 1.0
-        ):
-            raise ValueError(f"fixed_target must be in [-1, 1], got {fixed_target!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        self.beta = float(beta)
-        self.tasks = tasks
-        self.subset = task_subset(num_langs, tasks, sizes, size_threshold)
-        self.fixed_target = None if fixed_target is None else float(fixed_target)
-        self.order = order
+    @dataclass
+    class Options:
+        beta: float = 1e-2
+        """EMA rate β of the cosine-similarity targets φ̂ (Eq. 3; the paper searched 1e-1, 1e-2, 1e-3)."""
+        tasks: str = "lrl"
+        """Languages whose gradients are altered: lrl (training pairs < size_threshold), hrl (the others)
+        or all. Every present language still serves as a direction g_j."""
+        size_threshold: float = 100_000
+        """Training pairs below which a language counts as low-resource (the OPUS-100 grouping)."""
+        fixed_target: float | None = None
+        """A constant target φ̂ in (-1, 1) instead of EMA targets (the paper's ablation uses 0.5; 0 is PCGrad)."""
+        order: str = "shared"
+        """Random order of the other languages: shared or independent (see --pcgrad-order)."""
+
+        def __post_init__(self):
+            check_number("gradvac beta", self.beta, low=0.0, high=1.0, low_open=True)
+            check_choice("gradvac tasks", self.tasks, TASKS)
+            check_number("gradvac size_threshold", self.size_threshold, low=0.0)
+            if self.fixed_target is not None:
+                # Eq. 2 divides by √(1 − φ̂²): a target of ±1 would need an infinite multiple of g_j.
+                check_number("gradvac fixed_target", self.fixed_target, low=-1.0, high=1.0, low_open=True,
+                             high_open=True)
+            check_choice("gradvac order", self.order, ORDERS)
+
+    def __init__(self, num_langs: int, sizes=None, **options):
+        super().__init__(num_langs, **options)
+        o = self.options
+        self.beta = float(o.beta)
+        self.tasks = o.tasks
+        self.subset = task_subset(num_langs, o.tasks, sizes, o.size_threshold)
+        self.fixed_target = None if o.fixed_target is None else float(o.fixed_target)
+        self.order = o.order
         # EMA targets, stored transposed ([G, j, i]); created at the first call (G is unknown before).
         self._ema_t: torch.Tensor | None = None
         self.last_order: torch.Tensor | None = None
         self.last_perm: torch.Tensor | None = None
+
+    @classmethod
+    def for_run(cls, num_langs, options, run):
+        return cls(num_langs, sizes=run.sizes, **options)
 
     def _before(self, gram, ctx: StepContext):
         self.last_order, self.last_perm = draw_order(self.num_langs, ctx.generator, self.order)

@@ -24,9 +24,11 @@ A group with no active language gets weights 1 (all its gradients are zero).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from megavac.methods.base import GramMethod, active_mask
+from megavac.methods.base import GramMethod, active_mask, check_choice, check_number
 
 VARIANTS = ("pairwise", "fw")
 # After every unclipped pairwise step u_t = u_a exactly (the line search zeroes θ·(g_t − g_a)), so the
@@ -53,19 +55,31 @@ def _first(vals, tie, lowest):
 
 
 class MGDA(GramMethod):
-    name = "mgda"
+    """MGDA-UB's min-norm point; like the paper (shared parameters as one block), one Gram for the whole
+    model by default."""
 
-    def __init__(self, num_langs: int, max_iter: int = 250, tol: float = 1e-6, variant: str = "pairwise"):
-        super().__init__(num_langs)
-        if not isinstance(max_iter, int) or max_iter < 0:
-            raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        self.max_iter = max_iter
-        self.tol = float(tol)
-        self.variant = variant
+    name = "mgda"
+    default_granularity = "whole_model"
+
+    @dataclass
+    class Options:
+        max_iter: int = 250
+        """Frank-Wolfe iterations at most (Sener & Koltun use 250)."""
+        tol: float = 1e-6
+        """Stop when the duality gap is at most tol × ‖θ‖² (relative)."""
+        variant: str = "pairwise"
+        """pairwise (pairwise Frank-Wolfe, linear convergence) or fw (the paper's plain Frank-Wolfe)."""
+
+        def __post_init__(self):
+            check_number("mgda max_iter", self.max_iter, low=0, integer=True)
+            check_number("mgda tol", self.tol, low=0.0)
+            check_choice("mgda variant", self.variant, VARIANTS)
+
+    def __init__(self, num_langs: int, **options):
+        super().__init__(num_langs, **options)
+        self.max_iter = self.options.max_iter
+        self.tol = float(self.options.tol)
+        self.variant = self.options.variant
         self.last_iters = 0  # iterations of the last call (slowest group)
 
     def _weights(self, gram, ctx):

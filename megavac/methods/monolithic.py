@@ -13,8 +13,5 @@ class Monolithic(GramMethod):
 
     name = "monolithic"
 
-    def __init__(self, num_langs: int):
-        super().__init__(num_langs)
-
     def needs_gram(self, step: int) -> bool:
         return False

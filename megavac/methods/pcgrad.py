@@ -26,10 +26,12 @@ does not depend on the gradients.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from megavac.methods.base import GramMethod, StepContext, active_mask
+from megavac.methods.base import GramMethod, StepContext, active_mask, check_choice
 
 ORDERS = ("shared", "independent")
 
@@ -77,9 +79,23 @@ def _coefficient(x, n, gjj, valid, target, want_phi=True):
     a = torch.addcmul(-x, kappa, sin_part).div_(gjj).clamp_(min=0.0).mul_(valid)
     if not want_phi:
         return a, None
-    # (1 − valid) keeps the denominator of skipped pairs non-zero (their φ is never used).
+    # (1 − valid) keeps the denominator of skipped pairs non-zero (their φ is never used); n ≥ 0 always
+    # (see _altered_norm), so ng + (1 − valid) > 0 for every pair.
     phi = (x * (1.0 - valid).add_(ng).rsqrt_()).clamp_(-1.0, 1.0)
     return a, phi
+
+
+def _altered_norm(n, x, a, gjj):
+    """‖g'_i + a g_j‖², written as a sum of two squares so that it can never round below zero.
+
+    Split g'_i into its part along g_j, of squared norm x²/‖g_j‖², and the rest, of squared norm
+    (n‖g_j‖² − x²)/‖g_j‖² (≥ 0, clamped: rounding can make it slightly negative). Adding a g_j changes
+    only the first: ‖g'_i + a g_j‖² = [max(n‖g_j‖² − x², 0) + (x + a‖g_j‖²)²] / ‖g_j‖². The expanded form
+    n + 2ax + a²‖g_j‖² cancels catastrophically when g'_i vanishes (an exactly anti-parallel pair with
+    ‖g‖ ~ 1e4 gives −1e-9 instead of 0), and a negative n made φ's rsqrt NaN, which the EMA kept forever.
+    """
+    along = torch.addcmul(x, a, gjj)
+    return torch.addcmul(n * gjj, x, x, value=-1.0).clamp_(min=0.0).addcmul_(along, along).div_(gjj)
 
 
 def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -162,7 +178,7 @@ def _surgery_shared(gram, active, alter_rows, sigma, targets_t, beta):
                     else:
                         new = torch.addcmul(tgt, valid, phi - tgt, value=beta)
                         targets_t[:, j, :].index_copy_(1, rows, new)
-                n = torch.addcmul(n, a, torch.addcmul(x + x, a, gjj))  # ‖g'_i + a g_j‖²
+                n = _altered_norm(n, x, a, gjj)
             else:
                 a, _ = _coefficient(x, None, gjj, valid, None)
             At[:, t, :] = a
@@ -195,7 +211,7 @@ def _surgery_independent(gram, act, rows_ok, order, targets_t, beta):
             a, phi = _coefficient(x, n, gjj, valid, tgt)
             if beta is not None:
                 targets_t[:, j, idx] = tgt + (beta * valid) * (phi - tgt)
-            n = n + a * (2.0 * x + a * gjj)
+            n = _altered_norm(n, x, a, gjj)
         else:
             a, _ = _coefficient(x, None, gjj, valid, None)
         P.add_(a[:, :, None] * gram[:, j, :])
@@ -204,15 +220,27 @@ def _surgery_independent(gram, act, rows_ok, order, targets_t, beta):
 
 
 class PCGrad(GramMethod):
-    """Projecting conflicting gradients (Yu et al. 2020), every language against every other."""
+    """Projecting conflicting gradients (Yu et al. 2020), every language against every other.
+
+    The paper projects whole-model gradients (``default_granularity``); per-layer projection is the
+    GradVac paper's "PCGrad w. all_layer" variant (``--granularity all_layer``).
+    """
 
     name = "pcgrad"
+    default_granularity = "whole_model"
 
-    def __init__(self, num_langs: int, order: str = "shared"):
-        super().__init__(num_langs)
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        self.order = order
+    @dataclass
+    class Options:
+        order: str = "shared"
+        """Random order in which each language visits the others: shared (one permutation per step, each
+        row skipping itself; fast) or independent (one permutation per language, as the paper's code)."""
+
+        def __post_init__(self):
+            check_choice("pcgrad order", self.order, ORDERS)
+
+    def __init__(self, num_langs: int, **options):
+        super().__init__(num_langs, **options)
+        self.order = self.options.order
         self.last_order: torch.Tensor | None = None
         self.last_perm: torch.Tensor | None = None
 

@@ -13,7 +13,7 @@ import os
 import torch
 
 from megavac.data import Batch
-from megavac.loss import per_language_losses
+from megavac.loss import per_language_losses, token_losses
 from megavac.model import ModelConfig, Transformer
 
 VOCAB, PAD, SMOOTHING = 48, 0, 0.1
@@ -117,18 +117,25 @@ def langs_for(rank: int, step: int, micro: int, K: int, pattern: str) -> list[in
 def reference_grads(model: torch.nn.Module, batches_per_rank: list[list[Batch]], K: int, ga: int):
     """Each language's full gradient as DeepSpeed defines the reduced one: the mean over ranks of the
     sum over micro-batches of ∇(loss share_k) / ga, computed with one backward per (rank, micro, k) on a
-    plain copy of the model. Returns ({name: [K, *shape] fp64}, losses [K] (same averaging))."""
+    plain copy of the model. Returns ({name: [K, *shape] fp64}, losses [K]): each language's mean token
+    loss over the global batch (its token losses over all ranks and micro-batches ÷ its target tokens)."""
     names = [n for n, _ in model.named_parameters()]
     W = len(batches_per_rank)
     out = {n: torch.zeros(K, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
-    losses = torch.zeros(K, dtype=torch.float64)
+    loss_sum = torch.zeros(K, dtype=torch.float64)
+    tokens = torch.zeros(K, dtype=torch.float64)
     for batches in batches_per_rank:
         for b in batches:
+            with torch.no_grad():
+                tok_loss, _ = token_losses(model(b.src, b.tgt_in), b.tgt_out, PAD, SMOOTHING)
+                for k in range(K):
+                    rows = b.lang == k
+                    loss_sum[k] += float(tok_loss[rows].double().sum())
+                    tokens[k] += float((b.tgt_out[rows] != PAD).sum())
             for k in range(K):
                 model.zero_grad(set_to_none=True)
                 logits = model(b.src, b.tgt_in)
                 loss_k, _, _ = per_language_losses(logits, b.tgt_out, b.lang, K, PAD, SMOOTHING)
-                losses[k] += float(loss_k[k].detach()) / (W * ga)
                 if k not in b.segments:
                     continue
                 loss_k[k].backward()
@@ -136,7 +143,7 @@ def reference_grads(model: torch.nn.Module, batches_per_rank: list[list[Batch]],
                     if p.grad is not None:
                         out[n][k] += p.grad.double() / (W * ga)
     assert list(out) == names
-    return out, losses
+    return out, loss_sum / tokens.clamp(min=1)
 
 
 def clone_model(model):
