@@ -114,7 +114,7 @@ def main():
         (the pipeline's loss function is built for K languages)."""
         if stages == 1:
             return engine, KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)
-        from megavac.pipeline import PipelineLoss, make_pipeline_module
+        from megavac.model.pipeline import PipelineLoss, make_pipeline_module
         from megavac.pergrad import PipelineCollector
 
         pipe = make_pipeline_module(cfg, stages, PipelineLoss(K, 0, 0.1))

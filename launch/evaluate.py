@@ -11,9 +11,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from megavac.checkpoint_io import load_model_from_checkpoint
-from megavac.generate import SearchConfig
-from megavac.scoring import EvalOptions, Thresholds, evaluate, make_progress, render_table, write_json
+from megavac.evaluation.consolidate import load_model_from_checkpoint
+from megavac.evaluation.generate import SearchConfig
+from megavac.evaluation.evaluate import EvalOptions, Thresholds, evaluate, make_progress, render_table, write_json
 
 
 def parse_args(argv=None):

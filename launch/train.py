@@ -19,10 +19,10 @@ from megavac.config import DataConfig, TrainConfig, build_parser, from_args, met
 def main(argv=None):
     # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 marks deprecated: noise for users.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    from megavac import plan
+    from megavac.train import dry_run
 
     parser = build_parser()
-    plan.add_dry_run_args(parser)
+    dry_run.add_dry_run_args(parser)
     args = parser.parse_args(argv)
     data, train = from_args(DataConfig, args), from_args(TrainConfig, args)
     try:
@@ -31,10 +31,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if args.dry_run:  # no distributed init, no DeepSpeed engine
-        return plan.main(data, train, method, args.ds_config, args.world_size)
+        return dry_run.main(data, train, method, args.ds_config, args.world_size)
     if args.world_size is not None:
         parser.error("--world-size is a dry-run option (the launcher sets the world size)")
-    from megavac.trainer import Trainer
+    from megavac.train.trainer import Trainer
 
     try:
         trainer = Trainer(data, train, method, args.ds_config)

@@ -55,7 +55,7 @@ class MethodConfig:
 
     def resolve(self) -> "MethodConfig":
         """A copy with the method's defaults filled in and its options validated (ValueError naming them)."""
-        from megavac.groups import GRANULARITIES
+        from megavac.model.groups import GRANULARITIES
         from megavac.methods import method_class
 
         cls = method_class(self.method)

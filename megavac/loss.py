@@ -46,6 +46,12 @@ def per_language_losses(
     return loss_k / total, nll_k, ntok_k
 
 
+def forward_losses(engine, batch, num_langs: int, pad_id: int, smoothing: float):
+    """One forward of ``batch``: (loss shares [K] with graph, nll sums [K], tokens [K])."""
+    logits = engine(batch.src, batch.tgt_in)
+    return per_language_losses(logits, batch.tgt_out, batch.lang, num_langs, pad_id, smoothing)
+
+
 class LossTally:
     """Per-language sums over micro-batches (and, after ``all_reduce``, ranks): float64 [3, K] rows
     label-smoothed token-loss sum, NLL sum, target tokens.

@@ -1,4 +1,4 @@
-"""megavac.ds_adapter: fails loudly when the DeepSpeed internals it relies on move.
+"""megavac.pergrad.ds_adapter: fails loudly when the DeepSpeed internals it relies on move.
 
 Two layers: static checks that every private attribute/method/source pattern the adapter uses still
 exists in the installed DeepSpeed (cheap, no engine), and launched runs (1 and 2 CPU ranks) in which the
@@ -25,7 +25,7 @@ HELPER = REPO / "tests" / "helpers" / "pergrad_adapter_check.py"
 def test_deepspeed_version_is_the_pinned_one():
     import deepspeed
 
-    from megavac import ds_adapter
+    from megavac.pergrad import ds_adapter
 
     assert deepspeed.__version__ == ds_adapter.DEEPSPEED_VERSION, (
         "DeepSpeed changed: re-run this file's launched checks, then move DEEPSPEED_VERSION")
@@ -35,7 +35,7 @@ def test_deepspeed_version_is_the_pinned_one():
 def test_other_version_is_refused_by_name(monkeypatch):
     import deepspeed
 
-    from megavac import ds_adapter
+    from megavac.pergrad import ds_adapter
 
     monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
     with pytest.raises(ds_adapter.DeepSpeedInternalsError, match=r"0\.19\.8.*0\.20\.0"):
@@ -96,7 +96,7 @@ def _fake_engine(stage: int, optimizer) -> SimpleNamespace:
 
 
 def test_missing_internal_is_named():
-    from megavac.ds_adapter import DeepSpeedInternalsError, _Zero3Partition, _Zero12Partition
+    from megavac.pergrad.ds_adapter import DeepSpeedInternalsError, _Zero3Partition, _Zero12Partition
 
     opt = SimpleNamespace(bit16_groups=[], partition_size=[])  # no averaged_gradients
     with pytest.raises(DeepSpeedInternalsError, match="averaged_gradients"):
@@ -135,7 +135,7 @@ def _ds(stage, precision="fp32", accum=None, **zero):
 ])
 def test_per_language_refusals_from_the_config_dict(ds, pipeline, expected):
     """One sentence per refused setting, in a fixed order; nothing for the configurations served."""
-    from megavac.ds_adapter import per_language_refusals
+    from megavac.pergrad.ds_adapter import per_language_refusals
 
     got = per_language_refusals(ds, pipeline)
     assert len(got) == len(expected) and all(e in g for e, g in zip(expected, got)), got
@@ -144,7 +144,7 @@ def test_per_language_refusals_from_the_config_dict(ds, pipeline, expected):
 def test_grad_partition_refuses_with_the_same_reasons():
     """The engine's own config dict (engine.config) goes through per_language_refusals before any internal
     is touched."""
-    from megavac.ds_adapter import grad_partition, per_language_refusals
+    from megavac.pergrad.ds_adapter import grad_partition, per_language_refusals
 
     for ds in (_ds(0), _ds(1, "bf16", "fp32"), _ds(2, offload_optimizer={"device": "cpu"})):
         engine = _fake_engine(int(ds["zero_optimization"]["stage"]), SimpleNamespace())
@@ -155,7 +155,7 @@ def test_grad_partition_refuses_with_the_same_reasons():
 
 
 def test_grad_accum_dtype_spellings():
-    from megavac.ds_adapter import grad_accum_dtype
+    from megavac.pergrad.ds_adapter import grad_accum_dtype
 
     assert grad_accum_dtype(_ds(2, "bf16")) == "bf16"
     assert grad_accum_dtype(_ds(2, "bf16", "torch.float32")) == "fp32"
@@ -165,7 +165,7 @@ def test_grad_accum_dtype_spellings():
 
 
 def test_detach_tied_weight_broadcast_keeps_storage_and_ds_marks():
-    from megavac.ds_adapter import detach_tied_weight_broadcast
+    from megavac.pergrad.ds_adapter import detach_tied_weight_broadcast
 
     tied = torch.nn.Module()
     tied.embed = torch.nn.Embedding(5, 3)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megavac.checkpoint_io import load_model_from_checkpoint, resolve_checkpoint
+from megavac.evaluation.consolidate import load_model_from_checkpoint, resolve_checkpoint
 from megavac.distributed import free_port
-from megavac.scoring import Thresholds, bleu_tokenizer, resource_group, select_tasks, split_files
+from megavac.evaluation.evaluate import Thresholds, bleu_tokenizer, resource_group, select_tasks, split_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_chinese_targets_use_zh_tokenizer(lang):
 
 
 def test_japanese_korean_tokenizer_or_char_fallback(caplog):
-    from megavac.scoring import tokenizer_available
+    from megavac.evaluation.evaluate import tokenizer_available
 
     with caplog.at_level(logging.WARNING):
         for lang, name in (("ja", "ja-mecab"), ("kor", "ko-mecab")):
@@ -252,8 +252,8 @@ def tiny_model(meta: dict):
 
 
 def quick_opts():
-    from megavac.generate import SearchConfig
-    from megavac.scoring import EvalOptions
+    from megavac.evaluation.generate import SearchConfig
+    from megavac.evaluation.evaluate import EvalOptions
 
     return EvalOptions(split="test", max_tokens=200, device="cpu",
                        search=SearchConfig(beam=1, max_len_a=0, max_len_b=3))
@@ -261,7 +261,7 @@ def quick_opts():
 
 def test_reference_lines_keep_cr_and_unicode_line_separators(tmp_path):
     """Raw text splits on "\\n" only: a line holding \\r, U+0085, U+2028, ... is one sentence, as in prepare."""
-    from megavac.scoring import evaluate, task_lines
+    from megavac.evaluation.evaluate import evaluate, task_lines
 
     data = tmp_path / "data"
     meta = make_data_dir(data)
@@ -278,7 +278,7 @@ def test_reference_lines_keep_cr_and_unicode_line_separators(tmp_path):
 
 
 def test_evaluate_refuses_unknown_tasks_and_foreign_data_dirs(tmp_path):
-    from megavac.scoring import evaluate
+    from megavac.evaluation.evaluate import evaluate
 
     data = tmp_path / "data"
     meta = make_data_dir(data)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from megavac.generate import SearchConfig, beam_search, length_batches, max_lengths, translate
+from megavac.evaluation.generate import SearchConfig, beam_search, length_batches, max_lengths, translate
 from megavac.model import ModelConfig, Transformer
 from megavac.tokens import source_ids
 

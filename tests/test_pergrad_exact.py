@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, run
-from megavac.ds_adapter import Segment
+from megavac.pergrad.ds_adapter import Segment
 from megavac.loss import LossTally
 from megavac.methods import build_method
 from megavac.model import ModelConfig, Transformer
-from megavac.groups import build_groups
+from megavac.model.groups import build_groups
 from megavac.pergrad import GradCollector, LanguageGrads, PerLanguageStep
 
 HELPER = REPO / "tests" / "helpers" / "pergrad_check.py"

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, deepspeed_cmd, run, train_losses
 from megavac.config import TrainConfig, merge_ds_config
 from megavac.model import ModelConfig, Transformer
-from megavac.pipeline import check_stages, layer_specs, num_layers, plain_name, plain_prefix
+from megavac.model.pipeline import check_stages, layer_specs, num_layers, plain_name, plain_prefix
 
 COMMON = ["--model", "tiny", "--max-tokens", "1024", "--lr", "2e-3", "--warmup-steps", "4", "--log-interval", "1",
           "--lang-log-interval", "4", "--valid-max-tokens", "2048", "--grad-accum", "2"]
@@ -69,9 +69,9 @@ def test_pipeline_config_is_checked_and_merged():
 
 def _dev_nll(checkpoint, data):
     """Average dev NLL of the consolidated checkpoint, computed by the plain model in this process."""
-    from megavac.checkpoint_io import load_model_from_checkpoint
+    from megavac.evaluation.consolidate import load_model_from_checkpoint
     from megavac.data import MultilingualDataset
-    from megavac.validation import Validator
+    from megavac.train.validation import Validator
 
     model, meta = load_model_from_checkpoint(checkpoint)
     dev = MultilingualDataset(str(data), "dev", meta["tasks"])

@@ -140,7 +140,7 @@ def test_sigusr1_checkpoints_at_the_step_it_stopped_and_resume_is_exact(small_sy
 
 
 def test_requeue_decision(monkeypatch, capsys):
-    from megavac.preemption import Preemption
+    from megavac.train.preemption import Preemption
 
     pre = Preemption.__new__(Preemption)  # no handlers installed, no process group
     pre.rank, pre.received = 0, None
@@ -158,7 +158,7 @@ def test_requeue_decision(monkeypatch, capsys):
     pre.stop_signal = signal.SIGUSR1
     assert not pre.wants_requeue()
     monkeypatch.setenv("MEGAVAC_REQUEUE", "1")
-    monkeypatch.setattr("megavac.preemption.shutil.which", lambda name: None)
+    monkeypatch.setattr("megavac.train.preemption.shutil.which", lambda name: None)
     pre.finish(7)
     assert "cannot requeue SLURM job 42: scontrol is not on PATH" in capsys.readouterr().out
 

@@ -1,6 +1,6 @@
 """The interface every gradient method implements, and the checks they share.
 
-Every method here sees the per-language gradients only through their Gram matrices (DESIGN.md §2):
+Every method here sees the per-language gradients only through their Gram matrices (docs/design.md §2):
 ``gram[g, i, j] = g_i · g_j`` restricted to parameter group g. A method returns weights ``w[g, k]`` and
 the trainer applies ``Σ_k w[g, k] g_k`` to group g. Language k's gradient ``g_k`` is the gradient of its
 SHARE of the batch loss, so all-ones weights reproduce plain (monolithic) training.
@@ -52,7 +52,7 @@ class RunInfo:
     param_names: list[str]
     """The whole model's parameter names (``Transformer.named_parameters()``)."""
     granularity: str
-    """The parameter groups of the Grams (megavac.groups)."""
+    """The parameter groups of the Grams (megavac.model.groups)."""
 
 
 class GramMethod:

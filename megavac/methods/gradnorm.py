@@ -21,7 +21,7 @@ Multilingual specifics (documented choices):
 * A weight is floored at ``WEIGHT_FLOOR`` before renormalisation: a negative weight would ascend that
   language's loss (not in the paper; only reachable with a too large ``lr``).
 * W is the Gram's group ``group`` (default −1): the trainer passes the last shared layer (the last
-  decoder layer, ``megavac.groups.last_shared_layer``), so the Grams are per layer (all_layer) by
+  decoder layer, ``megavac.model.groups.last_shared_layer``), so the Grams are per layer (all_layer) by
   default. The weights themselves are one per language for the whole model, as in the paper.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class GradNorm(GramMethod):
 
     @classmethod
     def for_run(cls, num_langs, options, run):
-        from megavac.groups import last_shared_layer
+        from megavac.model.groups import last_shared_layer
 
         return cls(num_langs, group=last_shared_layer(run.param_names, run.granularity), **options)
 

@@ -4,7 +4,7 @@ surgery kernel it shares with GradVac.
 Literal algorithm, per parameter group: for each language i, g'_i ← g_i; for every other j in random
 order, if g'_i · g_j < 0 then g'_i ← g'_i − (g'_i · g_j / ‖g_j‖²) g_j; the update is Σ_i g'_i.
 
-On Grams (DESIGN.md §2): g'_i is always Σ_j C_ij g_j with C = I + (increments), every alteration adds a
+On Grams (docs/design.md §2): g'_i is always Σ_j C_ij g_j with C = I + (increments), every alteration adds a
 multiple of an ORIGINAL g_j, so g'_i · g_j = (C_i G)_j and ‖g'_i‖² = C_i G C_iᵀ, and the update is
 Σ_j w_j g_j with w = 1ᵀC. Rows never read each other, so all rows (and all groups) advance together.
 

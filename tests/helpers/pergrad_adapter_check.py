@@ -1,4 +1,4 @@
-"""Check megavac.ds_adapter against DeepSpeed's public gradient accessors, per ZeRO configuration.
+"""Check megavac.pergrad.ds_adapter against DeepSpeed's public gradient accessors, per ZeRO configuration.
 
 Launch with ``deepspeed --num_gpus N tests/helpers/pergrad_adapter_check.py --out OUT.json`` or run
 directly for one in-process rank. For each configuration, on a tiny model:
@@ -26,7 +26,7 @@ import torch
 from pergrad_common import (PAD, SMOOTHING, clone_model, ds_config, init_dist, make_batch, make_model,
                             reference_grads)
 
-from megavac.ds_adapter import grad_partition
+from megavac.pergrad.ds_adapter import grad_partition
 from megavac.loss import per_language_losses
 
 CONFIGS = {

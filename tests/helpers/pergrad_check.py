@@ -33,7 +33,7 @@ from pergrad_common import (PAD, SMOOTHING, clone_model, ds_config, init_dist, l
 
 from megavac.loss import per_language_losses
 from megavac.methods import build_method
-from megavac.groups import build_groups
+from megavac.model.groups import build_groups
 from megavac.pergrad import PerLanguageStep
 
 # method -> (granularity, options): the granularities are spread over the methods so that every one
@@ -85,7 +85,7 @@ def pipelined(model, stages, K):
     """``model`` itself, or its pipeline form with the same weights (``stages`` > 1)."""
     if stages == 1:
         return model
-    from megavac.pipeline import PipelineLoss, make_pipeline_module
+    from megavac.model.pipeline import PipelineLoss, make_pipeline_module
 
     pipe = make_pipeline_module(model.cfg, stages, PipelineLoss(K, PAD, SMOOTHING))
     pipe.load_plain_state_dict(model.state_dict())
@@ -251,7 +251,7 @@ def check_pipeline_loss(args, world):
     model's with the same weights (evaluation and the first training step's forward)."""
     import torch.distributed as dist
 
-    from megavac.pipeline import PipelineRunner
+    from megavac.model.pipeline import PipelineRunner
 
     K, dp = args.K, world // args.pipeline_stages
     plain = make_model(0)

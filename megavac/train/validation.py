@@ -6,14 +6,13 @@ import math
 import torch
 
 from megavac.data import MultilingualDataset, collate, eval_batches
-from megavac.loss import LossTally
-from megavac.plain_step import forward_losses
+from megavac.loss import LossTally, forward_losses
 
 
 class Validator:
     def __init__(self, ds: MultilingualDataset, max_tokens: int, max_positions: int, rank: int, world: int,
                  device: torch.device, smoothing: float, runner=None):
-        """``rank``/``world``: data-parallel. ``runner``: a ``megavac.pipeline.PipelineRunner`` for
+        """``rank``/``world``: data-parallel. ``runner``: a ``megavac.model.pipeline.PipelineRunner`` for
         pipelined engines (which only evaluate through ``eval_batch``)."""
         self.ds, self.max_positions, self.device, self.smoothing = ds, max_positions, device, smoothing
         self.batches = eval_batches(ds, max_tokens, rank, world)

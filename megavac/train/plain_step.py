@@ -2,24 +2,18 @@
 
 Monolithic training and the steps on which a per-language method needs no Gram (CATS between meta steps)
 run this same object, over a DeepSpeed engine or, under pipeline parallelism, DeepSpeed's
-``train_batch`` (``megavac.pipeline.PipelineRunner``). It returns a ``LossTally`` kept on the device.
+``train_batch`` (``megavac.model.pipeline.PipelineRunner``). It returns a ``LossTally`` kept on the device.
 """
 from __future__ import annotations
 
 import torch
 
-from megavac.loss import LossTally, per_language_losses
-
-
-def forward_losses(engine, batch, num_langs: int, pad_id: int, smoothing: float):
-    """One forward of ``batch``: (loss shares [K] with graph, nll sums [K], tokens [K])."""
-    logits = engine(batch.src, batch.tgt_in)
-    return per_language_losses(logits, batch.tgt_out, batch.lang, num_langs, pad_id, smoothing)
+from megavac.loss import LossTally, forward_losses
 
 
 class PlainStep:
     def __init__(self, engine, num_langs: int, pad_id: int, smoothing: float, runner=None):
-        """``runner``: a ``megavac.pipeline.PipelineRunner`` when ``engine`` is a pipeline engine."""
+        """``runner``: a ``megavac.model.pipeline.PipelineRunner`` when ``engine`` is a pipeline engine."""
         self.engine, self.runner = engine, runner
         self.num_langs, self.pad_id, self.smoothing = num_langs, pad_id, smoothing
 

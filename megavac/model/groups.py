@@ -71,7 +71,7 @@ def model_param_names(module) -> tuple[list[str], list[str]]:
     """(the ``Transformer`` names of ``module.named_parameters()``, the whole model's ``Transformer`` names).
 
     A plain ``Transformer`` (or a DeepSpeed engine's module of one) is named as it is; the pipeline form
-    (megavac.pipeline) holds one stage under DeepSpeed's layer-index names and maps them back.
+    (megavac.model.pipeline) holds one stage under DeepSpeed's layer-index names and maps them back.
     """
     own = [n for n, _ in module.named_parameters()]
     to_plain = getattr(module, "plain_name", None)

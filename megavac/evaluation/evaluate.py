@@ -19,7 +19,7 @@ import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
 from data_pipeline.indexed import load_meta, load_raw, raw_path, select_tasks, spm_path
-from megavac.generate import SearchConfig, translate
+from megavac.evaluation.generate import SearchConfig, translate
 from megavac.tokens import source_ids
 
 log = logging.getLogger(__name__)

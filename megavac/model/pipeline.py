@@ -168,7 +168,7 @@ def make_pipeline_module(cfg: ModelConfig, num_stages: int, loss_fn: "PipelineLo
     ``torch.distributed`` initialised; the world size must be a multiple of ``num_stages``."""
     from deepspeed.pipe import PipelineModule
 
-    from megavac.ds_adapter import detach_tied_weight_broadcast
+    from megavac.pergrad.ds_adapter import detach_tied_weight_broadcast
 
     class TransformerPipe(PipelineModule):
         def plain_name(self, name: str) -> str:

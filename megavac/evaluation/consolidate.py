@@ -11,7 +11,7 @@ Consolidation is DeepSpeed's own ``zero_to_fp32``: it only reads files, so it ru
 process without ``torch.distributed`` and whatever the number of writer ranks was. A pipelined run's
 checkpoint (``zero_to_fp32`` cannot parse those) is read from DeepSpeed's per-layer files
 ``layer_XX-model_states.pt`` instead, mapped back to the plain Transformer's names
-(``megavac.pipeline``); they hold the module weights, which are the fp32 weights of an fp32 run and
+(``megavac.model.pipeline``); they hold the module weights, which are the fp32 weights of an fp32 run and
 the 16-bit working copy of a bf16/fp16 one.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def load_model_from_checkpoint(path, tag: str | None = None) -> tuple[Transforme
     meta = read_meta(root / tag)
     model = build_model(meta["model"])
     if any((root / tag).glob("layer_*-model_states.pt")):
-        from megavac.pipeline import plain_state_dict_from_layer_files
+        from megavac.model.pipeline import plain_state_dict_from_layer_files
 
         state = plain_state_dict_from_layer_files(root / tag, model.cfg)
     else:

@@ -15,17 +15,17 @@ import numpy as np
 import torch
 
 from megavac import distributed
-from megavac.checkpointing import Checkpointer
+from megavac.train.checkpoints import Checkpointer
 from megavac.config import (DataConfig, MethodConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
                             parse_lang_weights, precision_of, run_config_dict)
 from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampling_probs
-from megavac.groups import model_param_names
+from megavac.model.groups import model_param_names
 from megavac.loss import LossTally
-from megavac.metrics import Metrics
+from megavac.train.metrics import Metrics
 from megavac.model import Transformer
-from megavac.plain_step import PlainStep
-from megavac.preemption import Preemption
-from megavac.validation import Validator
+from megavac.train.plain_step import PlainStep
+from megavac.train.preemption import Preemption
+from megavac.train.validation import Validator
 
 
 def inverse_sqrt(warmup: int):
@@ -82,7 +82,7 @@ class Trainer:
         meta = self.train_data.meta
 
         # Model and engine. With pipeline stages each rank builds only its stage's layers
-        # (megavac.pipeline); data parallelism then runs over world / stages ranks.
+        # (megavac.model.pipeline); data parallelism then runs over world / stages ranks.
         import deepspeed
 
         self.ds_config = merge_ds_config(load_ds_config(ds_config_path), train, self.world)
@@ -90,7 +90,7 @@ class Trainer:
         self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"])
         self.runner = None
         if self.stages > 1:
-            from megavac.pipeline import PipelineLoss, make_pipeline_module
+            from megavac.model.pipeline import PipelineLoss, make_pipeline_module
 
             model = make_pipeline_module(self.model_cfg, self.stages,
                                          PipelineLoss(self.K, meta["pad_id"], train.label_smoothing))
@@ -102,7 +102,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt(train.warmup_steps)))
         self.ga = self.engine.gradient_accumulation_steps()
         if self.stages > 1:
-            from megavac.pipeline import PipelineRunner
+            from megavac.model.pipeline import PipelineRunner
 
             self.runner = PipelineRunner(self.engine)
             # Every stage of a pipeline reads the same batches: the sampler shards over data-parallel ranks.

@@ -15,8 +15,8 @@ What is checked and estimated (every number is per GPU unless said otherwise):
 * model parameters (the preset built on the ``meta`` device: no memory, no initialisation cost);
 * memory for model states under the ZeRO stage and precision, next to DeepSpeed's own estimators, plus a
   rough activation estimate for ``--max-tokens``;
-* per-language gradient methods: the fp32 gradient slices (one per language present) megavac/pergrad.py keeps, and the
-  configurations megavac/ds_adapter.py refuses.
+* per-language gradient methods: the fp32 gradient slices (one per language present) megavac/pergrad keeps, and the
+  configurations megavac/pergrad/ds_adapter.py refuses.
 
 Model-state bytes per parameter, as DeepSpeed 0.19.8 allocates them (``P`` parameters, ``N`` = DP degree):
 
@@ -85,7 +85,7 @@ def default_world_size(env: dict | None = None) -> int:
 
 def check_parallelism(world: int, stages: int) -> int:
     """Validate world size × pipeline stages; returns the data-parallel degree. (How many stages the model
-    allows is megavac.pipeline.check_stages's rule, the ZeRO stage under a pipeline merge_ds_config's.)"""
+    allows is megavac.model.pipeline.check_stages's rule, the ZeRO stage under a pipeline merge_ds_config's.)"""
     if world < 1:
         raise ValueError(f"--world-size must be >= 1, got {world}")
     if stages < 1:
@@ -98,8 +98,8 @@ def check_parallelism(world: int, stages: int) -> int:
 def check_method(method, ds: dict, pipeline: bool):
     """The method's config resolved as training resolves it (``MethodConfig.resolve``: method, granularity,
     options), and the merged DeepSpeed config ``ds`` one the per-language step serves
-    (megavac.ds_adapter.per_language_refusals; any setting for ``monolithic``). Returns the resolved config."""
-    from megavac.ds_adapter import per_language_refusals
+    (megavac.pergrad.ds_adapter.per_language_refusals; any setting for ``monolithic``). Returns the resolved config."""
+    from megavac.pergrad.ds_adapter import per_language_refusals
 
     method = method.resolve()
     if method.method == "monolithic":
@@ -285,7 +285,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     import torch
 
     from megavac.config import model_config, precision_of
-    from megavac.ds_adapter import grad_accum_dtype, offload_optimizer_device
+    from megavac.pergrad.ds_adapter import grad_accum_dtype, offload_optimizer_device
     from megavac.model import Transformer
 
     plan = Plan()
@@ -327,7 +327,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         plan.problems.append(str(e))
         dp = max(1, world // max(1, pipeline_stages))
     try:
-        from megavac.pipeline import check_stages
+        from megavac.model.pipeline import check_stages
 
         check_stages(mcfg, pipeline_stages)
     except ValueError as e:

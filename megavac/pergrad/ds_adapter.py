@@ -1,6 +1,6 @@
 """The one module that touches DeepSpeed's private internals (pinned to deepspeed 0.19.8).
 
-What the per-language step needs from DeepSpeed, and nothing more (DESIGN.md §3–4):
+What the per-language step needs from DeepSpeed, and nothing more (docs/design.md §3–4):
 
 * read this rank's slice of the REDUCED gradient, right after a backward at an accumulation boundary,
   as one flat fp32 vector of the rank's local elements;
@@ -33,14 +33,14 @@ through ``engine._is_gradient_accumulation_boundary``. Every attribute is fetche
 which names it in a ``DeepSpeedInternalsError`` when it moved.
 
 Refused, with the reason, by ``per_language_refusals`` from the DeepSpeed config dict (the trainer
-through ``grad_partition``, the dry run through megavac/plan.py): ZeRO stage 0 (no partition: plain
+through ``grad_partition``, the dry run through megavac/train/dry_run.py): ZeRO stage 0 (no partition: plain
 data-parallel gradients), CPU/NVMe optimizer offload (the reduced gradient is kept in host memory),
 bf16 + ZeRO-1 + fp32 gradient accumulation (DeepSpeed silently switches to ``BF16_Optimizer``, whose
 gradients are full and replicated rather than a partition), and, under pipeline parallelism,
 ZeRO-1 with ``overlap_comm`` (it reduces inside the backward, before each language is read).
 
 Pipeline modules: ``detach_tied_weight_broadcast`` re-wraps the tied weights of a ``PipelineModule``
-(its ``tied_modules``, with DeepSpeed's ``ds_*`` marks) for megavac/pipeline.py.
+(its ``tied_modules``, with DeepSpeed's ``ds_*`` marks) for megavac/model/pipeline.py.
 
 Element layout. The local vector concatenates DeepSpeed's groups (ZeRO-1/2) in order; ``segments`` lists
 (start, numel, parameter index) of every parameter fragment in it, in ``engine.module.named_parameters()``
@@ -83,7 +83,7 @@ def check_version() -> None:
 
     if deepspeed.__version__ != DEEPSPEED_VERSION:
         raise DeepSpeedInternalsError(
-            f"megavac.ds_adapter is written against deepspeed {DEEPSPEED_VERSION}, found {deepspeed.__version__}: "
+            f"megavac.pergrad.ds_adapter is written against deepspeed {DEEPSPEED_VERSION}, found {deepspeed.__version__}: "
             "its ZeRO internals (averaged_gradients, grad_partitions_flat_buffer, _hp_mapping) must be re-checked "
             "(tests/test_ds_adapter.py) before the pin is moved")
 
@@ -111,7 +111,7 @@ class GradPartition:
     def __init__(self, engine, names: list[str] | None = None, all_names: list[str] | None = None):
         """``names``: the model's names of ``engine.module.named_parameters()`` (default: those names);
         ``all_names``: every parameter of the whole model, other pipeline stages' too (default: ``names``).
-        The caller owns the naming (megavac.groups.model_param_names); this module only counts elements."""
+        The caller owns the naming (megavac.model.groups.model_param_names); this module only counts elements."""
         self.engine = engine
         self.optimizer = engine.optimizer
         own = [n for n, _ in engine.module.named_parameters()]
@@ -589,7 +589,7 @@ def grad_partition(engine, names: list[str] | None = None, all_names: list[str] 
     if pipeline:
         if names is None or all_names is None:
             raise ValueError("per-language gradients under pipeline parallelism need the model's parameter names "
-                             "of the stage and of the whole model (megavac.groups.model_param_names)")
+                             "of the stage and of the whole model (megavac.model.groups.model_param_names)")
         return _PipelinePartition(engine, names, all_names)
     if stage in (1, 2):
         return _Zero12Partition(engine, names, all_names)

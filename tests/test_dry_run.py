@@ -1,4 +1,4 @@
-"""The dry-run planner (megavac/plan.py, ``launch/train.py --dry-run``): paths, parallelism, model size,
+"""The dry-run planner (megavac/train/dry_run.py, ``launch/train.py --dry-run``): paths, parallelism, model size,
 memory per GPU against DeepSpeed's estimators, refusals. No distributed init, no DeepSpeed engine."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, launch_env
-from megavac import plan
+from megavac.train import dry_run
 from megavac.config import DataConfig, MethodConfig, TrainConfig, model_config
 from megavac.model import Transformer
 
@@ -30,7 +30,7 @@ def load_train_script():
 def _plan(tmp_path, data=None, train=None, method=None, ds="zero2.json", **kw):
     data = data or DataConfig(synthetic_dir=str(tmp_path / "synthetic"))
     train = train or TrainConfig(save_dir=str(tmp_path / "run"))
-    return plan.make_plan(data, train, method or MethodConfig(), str(DS / ds), **kw)
+    return dry_run.make_plan(data, train, method or MethodConfig(), str(DS / ds), **kw)
 
 
 def test_default_config_without_data_reports_the_synthetic_corpus(tmp_path, monkeypatch):
@@ -44,17 +44,17 @@ def test_default_config_without_data_reports_the_synthetic_corpus(tmp_path, monk
     assert not (tmp_path / "run").exists()  # nothing written
     assert p.numbers["world"] == 1 and p.numbers["dp"] == 1 and p.numbers["tasks"] == 28
     out = io.StringIO()
-    plan.render(p, out)
+    dry_run.render(p, out)
     assert out.getvalue().rstrip().endswith("plan OK")
 
 
 def test_world_size_from_environment(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "16")
-    assert plan.default_world_size() == 16
+    assert dry_run.default_world_size() == 16
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert plan.default_world_size() == 4
-    assert plan.default_world_size({}) == 1
+    assert dry_run.default_world_size() == 4
+    assert dry_run.default_world_size({}) == 1
 
 
 def test_prepared_corpus(small_synthetic, tmp_path):
@@ -96,10 +96,10 @@ def test_model_states_match_deepspeed_estimators(params, largest, dp):
     """Stated tolerance: ZeRO-2 equal (to DeepSpeed's int rounding, 1 byte); ZeRO-3 larger by exactly the
     16-bit parameter partition 2P/N that DeepSpeed's ZeRO-3 formula omits (≤ 1/10 of the partitioned part)."""
     for precision in ("bf16", "fp16"):
-        z2 = sum(plan.model_state_bytes(params, largest, 2, precision, precision, dp).values())
-        assert abs(z2 - plan.deepspeed_estimate(params, largest, 2, dp)) <= 1
-        z3 = sum(plan.model_state_bytes(params, largest, 3, precision, precision, dp).values())
-        ds3 = plan.deepspeed_estimate(params, largest, 3, dp)
+        z2 = sum(dry_run.model_state_bytes(params, largest, 2, precision, precision, dp).values())
+        assert abs(z2 - dry_run.deepspeed_estimate(params, largest, 2, dp)) <= 1
+        z3 = sum(dry_run.model_state_bytes(params, largest, 3, precision, precision, dp).values())
+        ds3 = dry_run.deepspeed_estimate(params, largest, 3, dp)
         assert abs(z3 - ds3 - 2 * params / dp) <= 1
         assert (z3 - ds3) / (18 * params / dp) <= 0.12
 
@@ -114,7 +114,7 @@ def test_memory_through_the_plan_equals_deepspeed(tmp_path):
         assert abs(n["model_states_bytes"] - n["deepspeed_model_states_bytes"] - slack) <= 1
         # The DeepSpeed column is printed beside ours.
         out = io.StringIO()
-        plan.render(p, out)
+        dry_run.render(p, out)
         assert "DeepSpeed estimator" in out.getvalue()
     # Hand count, ZeRO-2 bf16 with fp32 accumulation: 2P + (4 + 4 + 8)P/N.
     p = _plan(tmp_path, ds="zero2_bf16.json", world_size=4)
@@ -144,7 +144,7 @@ def test_per_language_slices(tmp_path):
 ])
 def test_bad_parallelism_raises_naming_values(world, stages, match):
     with pytest.raises(ValueError, match=match):
-        plan.check_parallelism(world, stages)
+        dry_run.check_parallelism(world, stages)
 
 
 def test_bad_combination_in_the_plan(tmp_path):
@@ -153,7 +153,7 @@ def test_bad_combination_in_the_plan(tmp_path):
     assert not p.ok
     with pytest.raises(ValueError, match=r"--pipeline-stages 2 with ZeRO stage 3"):
         p.raise_if_problems()
-    assert plan.check_parallelism(8, 2) == 4
+    assert dry_run.check_parallelism(8, 2) == 4
 
 
 def test_zero2_under_a_pipeline_is_reported_once(tmp_path):
@@ -162,9 +162,9 @@ def test_zero2_under_a_pipeline_is_reported_once(tmp_path):
 
 
 def test_pipeline_stages_up_to_the_pipeline_modules_layer_count(tmp_path):
-    """The limit is megavac.pipeline's layer specs (base: 6 + 6 layers, embedding, output, two final norms =
+    """The limit is megavac.model.pipeline's layer specs (base: 6 + 6 layers, embedding, output, two final norms =
     16), not the 12 Transformer layers: what training accepts, the dry run accepts."""
-    from megavac.pipeline import layer_specs
+    from megavac.model.pipeline import layer_specs
 
     train = dict(save_dir=str(tmp_path / "run"), model="base")
     specs = len(layer_specs(model_config(TrainConfig(**train), 64000, 0)))
@@ -234,17 +234,17 @@ def _ds(stage, bf16=False, accum=None, offload=None):
 def test_method_refusals():
     m = MethodConfig(method="gradvac")
     with pytest.raises(ValueError, match="--method gradvac: .*bf16 \\+ ZeRO stage 1 \\+ grad_accum_dtype fp32"):
-        plan.check_method(m, _ds(1, bf16=True, accum="fp32"), pipeline=False)
+        dry_run.check_method(m, _ds(1, bf16=True, accum="fp32"), pipeline=False)
     with pytest.raises(ValueError, match="offload_optimizer.device='cpu'"):
-        plan.check_method(m, _ds(2, bf16=True, accum="fp32", offload="cpu"), pipeline=False)
+        dry_run.check_method(m, _ds(2, bf16=True, accum="fp32", offload="cpu"), pipeline=False)
     with pytest.raises(ValueError, match="'sgd'"):
-        plan.check_method(MethodConfig(method="sgd"), _ds(2), pipeline=False)
+        dry_run.check_method(MethodConfig(method="sgd"), _ds(2), pipeline=False)
     with pytest.raises(ValueError, match="--granularity 'layers'"):
-        plan.check_method(MethodConfig(method="gradvac", granularity="layers"), _ds(2), pipeline=False)
-    plan.check_method(MethodConfig(), _ds(0, bf16=True, accum="fp32", offload="cpu"), pipeline=False)  # monolithic
-    plan.check_method(m, _ds(2, bf16=True, accum="fp32"), pipeline=False)
+        dry_run.check_method(MethodConfig(method="gradvac", granularity="layers"), _ds(2), pipeline=False)
+    dry_run.check_method(MethodConfig(), _ds(0, bf16=True, accum="fp32", offload="cpu"), pipeline=False)  # monolithic
+    dry_run.check_method(m, _ds(2, bf16=True, accum="fp32"), pipeline=False)
     # None: the method's own default granularity.
-    plan.check_method(MethodConfig(method="gradvac", granularity=None), _ds(2), pipeline=False)
+    dry_run.check_method(MethodConfig(method="gradvac", granularity=None), _ds(2), pipeline=False)
 
 
 def test_no_engine_in_process(tmp_path, monkeypatch):

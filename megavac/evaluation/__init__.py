@@ -1,0 +1,1 @@
+"""Evaluation: consolidation of sharded checkpoints, batched beam search, sacrebleu scoring."""

@@ -1,0 +1,195 @@
+"""Collectors: this rank's slice of every language's reduced gradient for one optimizer step
+(docs/design.md §3).
+
+``KBackwardCollector`` (the reference): one forward per micro-batch, one backward per language present.
+``PipelineCollector``: each language's rows of a micro-batch as one pipeline micro-batch (one forward and
+backward per sentence). Both hand a ``LanguageGrads`` to the Gram step (megavac.pergrad.gram_step) and
+take no part in the update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megavac.loss import LossTally, forward_losses
+from megavac.model.groups import model_param_names
+from megavac.pergrad.ds_adapter import GradPartition, grad_partition
+
+# Columns per float64 conversion in the Gram products: bounds the transient copy to K × 2^18 × 8 bytes.
+GRAM_CHUNK = 1 << 18
+
+
+@dataclass
+class LanguageGrads:
+    """What a collector hands over for one optimizer step (all of this rank's)."""
+
+    slices: torch.Tensor
+    """fp32 [P, N]: this rank's slice of the reduced gradient (÷ ga as DeepSpeed scales) of each of the
+    P languages present in the step, in the order of ``langs``; absent languages take no memory."""
+    langs: torch.Tensor
+    """long [P]: the language index of each row of ``slices`` (ascending)."""
+    present: torch.Tensor
+    """bool [K]: language present in the step's global batch (any rank, any micro-batch)."""
+    tally: LossTally
+    """This rank's per-language losses and tokens of the step (on the device; zero off the last stage)."""
+
+
+class GradCollector:
+    """Interface: "this rank's slice of each language's reduced gradient, and the local slice Grams".
+
+    ``collect`` runs the forward and backward passes of one optimizer step (``ga`` micro-batches) and
+    leaves the partition zeroed; ``param_grams`` gives the local Gram of every parameter tensor.
+    A one-backward collector (per-language weight-gradient GEMMs, docs/design.md §3.2) fits the same shape.
+    """
+
+    partition: GradPartition
+    num_langs: int
+
+    def collect(self, batches: list) -> LanguageGrads:
+        raise NotImplementedError
+
+    def param_grams(self, slices: torch.Tensor) -> torch.Tensor:
+        """float64 [P, K, K]: Σ over this rank's elements of parameter p of g_i[e] g_j[e]."""
+        P, K = len(self.partition.param_names), slices.shape[0]
+        out = torch.zeros(P, K, K, dtype=torch.float64, device=slices.device)
+        for s in self.partition.gram_segments:
+            for a in range(s.start, s.start + s.numel, GRAM_CHUNK):
+                x = slices[:, a:min(a + GRAM_CHUNK, s.start + s.numel)].double()
+                out[s.param].addmm_(x, x.T)
+        return out
+
+
+class KBackwardCollector(GradCollector):
+    """One forward per micro-batch, then one backward per language present in it (docs/design.md §3.1).
+
+    For each language k: force an accumulation boundary (every backward then reduces into the
+    partition), ``engine.backward(loss_k)``, add the slice to row k, zero the slice. The losses are
+    divided by ``ga`` exactly as the plain path does (``scale_wrt_gas``), so row k ends as DeepSpeed's
+    own accumulated gradient of language k.
+
+    Every rank must issue the same backward passes in the same order (each is a collective under
+    ZeRO), so the loop runs over the languages present on ANY rank (one small all-reduce per
+    micro-batch); a rank that lacks language k back-propagates its zero share, which costs a backward
+    but keeps the ranks' reductions paired. ``engine.step()`` is called after each non-final
+    micro-batch with the boundary off (it only advances DeepSpeed's micro-step counter), so that the
+    plain path's managed boundaries stay in phase.
+    """
+
+    def __init__(self, engine, num_langs: int, pad_id: int, label_smoothing: float,
+                 partition: GradPartition | None = None):
+        self.engine = engine
+        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
+        self.num_langs = num_langs
+        self.pad_id, self.label_smoothing = pad_id, label_smoothing
+        self.ga = int(engine.gradient_accumulation_steps())
+        self._slices: torch.Tensor | None = None
+
+    def collect(self, batches: list) -> LanguageGrads:
+        if len(batches) != self.ga:
+            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        K, part, engine = self.num_langs, self.partition, self.engine
+        dev = part.device
+        # Which languages each micro-batch has on ANY rank: one small all-reduce for the whole step.
+        here = torch.zeros(len(batches), K, dtype=torch.float32, device=dev)
+        for m, batch in enumerate(batches):
+            here[m, list(batch.segments)] = 1.0
+        group = part.dp_group()
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(here, group=group)
+        here = here.cpu() > 0
+        present = here.any(0)
+        langs_all = torch.nonzero(present).flatten()
+        row = {int(k): r for r, k in enumerate(langs_all.tolist())}
+        # One row per PRESENT language (a CATS batch has 8 of 100): the buffer grows to the most seen.
+        if self._slices is None or self._slices.shape[0] < len(row):
+            self._slices = torch.zeros(len(row), part.numel, dtype=torch.float32, device=dev)
+        slices = self._slices[:len(row)].zero_()
+        tally = LossTally(K, device=dev)
+        for m, batch in enumerate(batches):
+            langs = torch.nonzero(here[m]).flatten().tolist()
+            loss_k, nll_k, ntok_k = forward_losses(engine, batch, K, self.pad_id, self.label_smoothing)
+            snapshot = None
+            for i, k in enumerate(langs):
+                part.force_boundary()
+                if i == 0:
+                    snapshot = part.snapshot_backward_hooks()
+                else:
+                    part.rearm_backward_hooks(snapshot)
+                engine.backward(loss_k[k], retain_graph=i < len(langs) - 1)
+                part.read(slices[row[k]], accumulate=True)
+                part.zero_()
+            if m < len(batches) - 1:
+                engine.set_gradient_accumulation_boundary(False)
+                engine.step()  # not a boundary: no update, only the micro-step counter moves
+            tally.add(loss_k, nll_k, ntok_k, batch.ntokens)
+        return LanguageGrads(slices, langs_all, present, tally)
+
+
+class PipelineCollector(GradCollector):
+    """Per-language gradients on a pipeline engine, for the FLOPs of one plain step.
+
+    A Transformer treats sentences independently, so language k's share of the batch loss is the loss
+    of the batch's language-k rows alone (divided by the whole batch's tokens). Each (micro-batch,
+    language) becomes one pipeline micro-batch: one forward and one backward per sentence, as in plain
+    training, and more micro-batches only shrink the pipeline bubble. After each backward a stage
+    moves its parameters' local gradient into row k and zeroes it (``run_backward_schedule``); then
+    ``reduce_rows`` sums the tied embedding over its two stages and averages over data-parallel ranks:
+    each row is DeepSpeed's reduced gradient of language k for this stage's parameters (full, not a
+    ZeRO slice: the pipeline engine's ZeRO-1 partitions only optimizer state). Grams count each element
+    once over all ranks (``gram_segments``) and are summed over data-parallel AND pipeline ranks.
+
+    Memory: one fp32 row per present language of the stage's parameters (1/stages of the model).
+    """
+
+    def __init__(self, engine, num_langs: int, partition: GradPartition | None = None):
+        from megavac.model.pipeline import PipelineRunner
+
+        self.engine = engine
+        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
+        self.num_langs = num_langs
+        self.ga = int(engine.gradient_accumulation_steps())
+        self.runner = PipelineRunner(engine)
+        self._rows: torch.Tensor | None = None
+
+    def collect(self, batches: list) -> LanguageGrads:
+        from megavac.model.pipeline import pipeline_items
+
+        if len(batches) != self.ga:
+            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        K, part = self.num_langs, self.partition
+        here = torch.zeros(K, dtype=torch.float32)
+        subs, order = [], []
+        for batch in batches:
+            for k in sorted(batch.segments):
+                subs.append(batch.language_rows(k, self.runner.loss.pad_id))
+                order.append(k)
+                here[k] = 1.0
+        if part.dp_size > 1:
+            dist.all_reduce(here, group=part.dp_group())
+        present = here > 0
+        langs_all = torch.nonzero(present).flatten()
+        row = {int(k): r for r, k in enumerate(langs_all.tolist())}
+        if self._rows is None or self._rows.shape[0] < len(row):
+            self._rows = torch.zeros(len(row), part.numel, dtype=torch.float32, device=part.device)
+        rows = self._rows[:len(row)].zero_()
+
+        def capture(i):
+            part.read(rows[row[order[i]]], accumulate=True)
+            part.zero_()
+
+        loss = self.runner.loss
+        loss.begin(None)
+        part.zero_()
+        part.run_backward_schedule(pipeline_items(subs), capture)
+        part.reduce_rows(rows)
+        return LanguageGrads(rows, langs_all, present, loss.tally)
+
+
+def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: float) -> GradCollector:
+    from megavac.pergrad.ds_adapter import is_pipeline_engine
+
+    if is_pipeline_engine(engine):
+        return PipelineCollector(engine, num_langs)
+    return KBackwardCollector(engine, num_langs, pad_id, label_smoothing)
