@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -34,6 +35,7 @@ def main(argv=None):
         return dry_run.main(data, train, method, args.ds_config, args.world_size)
     if args.world_size is not None:
         parser.error("--world-size is a dry-run option (the launcher sets the world size)")
+    from megavac import distributed
     from megavac.train.trainer import Trainer
 
     try:
@@ -42,8 +44,16 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     trainer.train()
+    distributed.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # Skip the interpreter's teardown: C++ threads of the communication libraries (gloo, DeepSpeed's CPU
+    # comm ops) are sometimes destroyed while joinable there, which aborts a run that finished correctly
+    # ("terminate called without an active exception", exit 250 under the deepspeed launcher). Everything
+    # the run writes is closed by now (checkpoints, metrics, TensorBoard); flush what is printed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc or 0)

@@ -135,6 +135,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: every rank waits for the others, then the group is destroyed.
+    Without it the gloo group's threads are torn down by the interpreter's exit, which can abort the
+    process ("terminate called without an active exception") after a run that finished correctly."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
