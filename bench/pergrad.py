@@ -37,7 +37,7 @@ METHODS = [
     ("monolithic", "monolithic", {}),
     ("mono-gram", "monolithic", {}),
     ("pcgrad", "pcgrad", {}),
-    ("gradvac", "gradvac", {"tasks": "all"}),
+    ("gradvac", "gradvac", {"langs": "all"}),
     ("mgda", "mgda", {}),
     ("cats", "cats", {"warm_interval": 1}),
     ("gradnorm", "gradnorm", {}),

@@ -54,11 +54,11 @@ class InvalidUtf8Error(CorpusError):
 
 
 class UnknownLanguageError(CorpusError):
-    """A language asked for (``--langs``) is not in the corpus."""
+    """A language asked for (``--pairs``) is not in the corpus."""
 
 
 class DuplicateLanguageError(CorpusError):
-    """Two directories (or two ``--langs`` entries) map to the same language code."""
+    """Two directories (or two ``--pairs`` entries) map to the same language code."""
 
 
 class InvalidLanguageCodeError(CorpusError):
@@ -258,14 +258,14 @@ def _select(dirs: list[tuple[str, Path]], langs: Sequence[str] | None, root: Pat
     seen: set[str] = set()
     for code in langs:
         if code in seen:
-            raise DuplicateLanguageError(f"language code {code!r} is listed twice in --langs")
+            raise DuplicateLanguageError(f"language code {code!r} is listed twice in --pairs")
         seen.add(code)
     unknown = [c for c in langs if c not in by_code]
     if unknown:
         available = sorted(by_code)
         shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
         raise UnknownLanguageError(
-            f"unknown language code(s) {', '.join(map(repr, unknown))} in --langs: not found under "
+            f"unknown language code(s) {', '.join(map(repr, unknown))} in --pairs: not found under "
             f"{root}; available: {shown}"
         )
     return {c: by_code[c] for c in langs}

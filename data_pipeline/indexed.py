@@ -11,8 +11,8 @@ Files written by ``python -m data_pipeline.prepare`` (format_version 1):
   would also split on U+2028, U+0085, ..., and text-mode ``open`` on a lone ``\\r``;
   either misaligns references).
 * ``spm.model``: the SentencePiece model (:func:`spm_path`).
-* ``meta.json``: written last (:func:`load_meta`); its ``tasks`` are what ``--tasks``
-  selects from (:func:`select_tasks`).
+* ``meta.json``: written last (:func:`load_meta`); its ``tasks`` (the languages: translation directions) are what
+  ``--langs`` selects from (:func:`select_langs`).
 
 Every consumer (training data, the dry-run plan, evaluation) reads the directory through
 these functions, so the format check, the file layout and the line splitting live here only.
@@ -143,14 +143,14 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def select_tasks(meta: dict, names: str | Sequence[str] | None = None, data_dir: str | Path | None = None
+def select_langs(meta: dict, names: str | Sequence[str] | None = None, data_dir: str | Path | None = None
                  ) -> list[dict]:
-    """The tasks of ``meta`` that ``names`` selects, in the order ``names`` gives them.
+    """The languages (``meta["tasks"]``: translation directions) that ``names`` selects, in the order ``names`` gives them.
 
-    ``names`` is a comma-separated string (as ``--tasks`` takes it) or a list of task names;
-    None or empty selects every task, in meta order. The order matters: a task's position is
+    ``names`` is a comma-separated string (as ``--langs`` takes it) or a list of language names;
+    None or empty selects every language, in meta order. The order matters: a language's position is
     its language index k in training. Unknown or repeated names raise ``ValueError`` naming
-    them and the available tasks (of ``data_dir``, when given).
+    them and the available languages (of ``data_dir``, when given).
     """
     tasks = meta["tasks"]
     if isinstance(names, str):
@@ -162,11 +162,11 @@ def select_tasks(meta: dict, names: str | Sequence[str] | None = None, data_dir:
     where = f"{data_dir} has" if data_dir is not None else "available:"
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; {where} {list(by_name)}")
+        raise ValueError(f"unknown language(s) {unknown}; {where} {list(by_name)}")
     repeated = sorted({n for n in wanted if wanted.count(n) > 1})
     if repeated:
-        # A repeated task would be two "languages" sharing one data set (twice the sampling weight).
-        raise ValueError(f"task(s) {repeated} selected more than once in {','.join(wanted)!r}")
+        # A repeated language would be two languages sharing one data set (twice the sampling weight).
+        raise ValueError(f"language(s) {repeated} selected more than once in {','.join(wanted)!r}")
     return [by_name[n] for n in wanted]
 
 

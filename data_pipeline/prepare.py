@@ -1,7 +1,7 @@
 """Prepare a corpus for training: validate, filter, train SentencePiece, binarize.
 
     python -m data_pipeline.prepare --corpus DIR --out DIR [--layout auto|opus100|plain]
-        [--direction en-xx|xx-en|both] [--langs a,b] [--vocab-size N] [--spm-temperature T]
+        [--direction en-xx|xx-en|both] [--pairs a,b] [--vocab-size N] [--spm-temperature T]
         [--spm-sentences N] [--max-len 250 --min-len 1 --max-ratio 3.0] [--workers N]
 
 Everything is built in ``<out>.tmp`` and renamed to ``<out>`` at the end, with
@@ -51,9 +51,9 @@ class PrepareConfig:
     layout: str = "auto"
     """``auto``, ``opus100`` or ``plain`` [--layout]."""
     direction: str = "en-xx"
-    """Which translation tasks meta.json lists: ``en-xx``, ``xx-en`` or ``both`` [--direction]."""
-    langs: list[str] | None = None
-    """Only these non-English codes (all must exist); None = every pair [--langs a,b]."""
+    """Which translation directions (languages) meta.json lists: ``en-xx``, ``xx-en`` or ``both`` [--direction]."""
+    pairs: list[str] | None = None
+    """Only the pairs (with English) of these codes (all must exist); None = every pair [--pairs a,b]."""
     vocab_size: int = 64000
     """SentencePiece vocabulary size (64000 suits OPUS-100; a few thousand for tests) [--vocab-size]."""
     spm_temperature: float = 5.0
@@ -98,8 +98,8 @@ class PrepareConfig:
             (self.chunk_lines >= 1, "--chunk-lines", self.chunk_lines, ">= 1"),
             (self.len_unit in LEN_UNITS, "--len-unit", self.len_unit, f"one of {', '.join(LEN_UNITS)}"),
         ]
-        if self.langs is not None:
-            checks.append((len(self.langs) > 0, "--langs", self.langs, "at least one language code"))
+        if self.pairs is not None:
+            checks.append((len(self.pairs) > 0, "--pairs", self.pairs, "at least one language code"))
         for ok, flag, value, expected in checks:
             if not ok:
                 raise ConfigError(f"{flag} {value!r} is invalid: expected {expected}")
@@ -112,7 +112,7 @@ class PrepareConfig:
         """Settings that determine the output (worker count and display flags do not)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("out", "workers", "overwrite", "quiet", "verbose")}
         d["corpus"] = str(Path(self.corpus).expanduser().absolute())
-        d["langs"] = sorted(self.langs) if self.langs is not None else None
+        d["pairs"] = sorted(self.pairs) if self.pairs is not None else None
         return d
 
 
@@ -151,7 +151,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     ui = _Ui(cfg.quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        corpus = discover(cfg.corpus, cfg.layout, cfg.langs)
+        corpus = discover(cfg.corpus, cfg.layout, cfg.pairs)
     for w in caught:  # re-issue outside the recorder so callers and the CLI still see them
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     n_symbols = 4 + len(corpus.pairs) + 1
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--layout", default=d.layout, choices=("auto", *LAYOUTS))
     ap.add_argument("--direction", default=d.direction, choices=DIRECTIONS)
-    ap.add_argument("--langs", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+    ap.add_argument("--pairs", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                     help="comma-separated subset of non-English codes")
     ap.add_argument("--vocab-size", type=int, default=d.vocab_size)
     ap.add_argument("--spm-temperature", type=float, default=d.spm_temperature)

@@ -698,12 +698,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-size", type=int, default=50_000, help="train pairs of the largest language")
     ap.add_argument("--dev-size", type=int, default=100)
     ap.add_argument("--test-size", type=int, default=100)
-    ap.add_argument("--langs", type=lambda s: [c for c in s.split(",") if c], help="subset of codes")
+    ap.add_argument("--pairs", type=lambda s: [c for c in s.split(",") if c], help="subset of codes")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
     try:
         rows = generate_corpus(args.out, args.seed, args.min_size, args.max_size, args.dev_size, args.test_size,
-                               args.langs, workers=args.workers)
+                               args.pairs, workers=args.workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

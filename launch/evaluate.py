@@ -22,7 +22,7 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None, help="latest (default), best or step_N; ignored for a tag folder")
     ap.add_argument("--data-dir", default=None, help="prepared data dir (default: data_dir from megavac.json)")
     ap.add_argument("--split", choices=("test", "dev"), default="test")
-    ap.add_argument("--tasks", default=None, help="comma-separated directions, e.g. en-de,en-fr (default: all)")
+    ap.add_argument("--langs", default=None, help="comma-separated directions, e.g. en-de,en-fr (default: all)")
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--lenpen", type=float, default=1.0)
     ap.add_argument("--max-len-a", type=float, default=1.2)
@@ -67,7 +67,7 @@ def run(args):
         search=SearchConfig(beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b),
     )
     with make_progress(Console(stderr=True)) as progress:
-        results = evaluate(model, data_dir, out_dir, args.tasks, opts, progress)
+        results = evaluate(model, data_dir, out_dir, args.langs, opts, progress)
     results = {"checkpoint": meta["checkpoint_dir"], "tag": meta["tag"], "step": meta.get("step"), **results}
     render_table(results, Console())
     if args.out:

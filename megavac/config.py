@@ -20,12 +20,13 @@ class DataConfig:
     """Prepared data directory (data_pipeline.prepare). Empty: generate and prepare the synthetic corpus."""
     synthetic_dir: str = "runs/data/synthetic"
     """Where the synthetic corpus and its prepared form are cached when data_dir is empty."""
-    tasks: str = ""
-    """Comma-separated subset of task names (e.g. en-de,en-fr); empty: all tasks in the data dir."""
+    langs: str = ""
+    """Comma-separated subset of languages, i.e. translation directions (e.g. en-de,en-fr), in the order that
+    gives their index; empty: every language of the data dir."""
     temperature: float = 5.0
     """Sampling temperature T: p_i ∝ (n_i/Σn)^(1/T); 1 = proportional, inf = uniform."""
     lang_weights: str = ""
-    """Explicit sampling weights 'en-de:2,en-fr:1' (overrides temperature; unlisted tasks get 0)."""
+    """Explicit sampling weights 'en-de:2,en-fr:1' (overrides temperature; unlisted languages get 0)."""
     max_tokens: int = 4096
     """Padded tokens per micro-batch per rank (max(source, target) length × rows)."""
     pool_batches: int = 64
@@ -290,7 +291,7 @@ def parse_lang_weights(text: str, names: list[str]) -> list[float] | None:
     for item in text.split(","):
         name, _, value = item.partition(":")
         if name not in weights:
-            raise ValueError(f"--lang-weights names unknown task {name!r}; tasks are {names}")
+            raise ValueError(f"--lang-weights names unknown language {name!r}; the languages are {names}")
         try:
             weights[name] = float(value)
         except ValueError:

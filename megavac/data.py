@@ -1,7 +1,7 @@
 """Runtime data: memory-mapped multilingual datasets, temperature sampler, language-grouped batches.
 
-A *task* is one translation direction (``en-de``); its index is the "language" k of the
-per-language losses and gradients. Batches are token-budgeted and their rows are grouped by task,
+A *language* is one translation direction (``en-de``; the papers call it a task); its index k is the
+k of the per-language losses and gradients. Batches are token-budgeted and their rows are grouped by language,
 so row ranges ``segments[k]`` say which rows belong to which language.
 """
 from __future__ import annotations
@@ -16,19 +16,19 @@ from megavac.tokens import source_ids, target_ids
 
 
 class MultilingualDataset:
-    """All tasks of one split of a prepared data directory, memory-mapped."""
+    """All languages of one split of a prepared data directory, memory-mapped."""
 
-    def __init__(self, data_dir: str, split: str, tasks: str | list[str] | None = None):
-        """``tasks``: names (list or comma-separated, as ``--tasks``) in language-index order; None = all."""
-        from data_pipeline.indexed import load_meta, open_split, select_tasks
+    def __init__(self, data_dir: str, split: str, langs: str | list[str] | None = None):
+        """``langs``: names (list or comma-separated, as ``--langs``) in language-index order; None = all."""
+        from data_pipeline.indexed import load_meta, open_split, select_langs
 
         self.meta = load_meta(data_dir)
         self.split = split
         self.pad_id, self.bos_id, self.eos_id = self.meta["pad_id"], self.meta["bos_id"], self.meta["eos_id"]
-        self.tasks = select_tasks(self.meta, tasks, data_dir)
-        self.names = [t["name"] for t in self.tasks]
+        self.langs = select_langs(self.meta, langs, data_dir)
+        self.names = [t["name"] for t in self.langs]
         self.src, self.tgt, self.src_len, self.tgt_len = [], [], [], []
-        for t in self.tasks:
+        for t in self.langs:
             src = open_split(data_dir, t["pair"], split, t["src"])
             tgt = open_split(data_dir, t["pair"], split, t["tgt"])
             assert len(src) == len(tgt), f"{t['name']} {split}: {len(src)} vs {len(tgt)} lines"
@@ -39,14 +39,14 @@ class MultilingualDataset:
         self.sizes = np.array([len(s) for s in self.src], dtype=np.int64)
 
     @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
+    def num_langs(self) -> int:
+        return len(self.langs)
 
     def example_len(self, k: int, idx: np.ndarray) -> np.ndarray:
         return np.maximum(self.src_len[k][idx], self.tgt_len[k][idx])
 
     def example(self, k: int, i: int):
-        src = source_ids(self.tasks[k]["tag_id"], self.src[k][i], self.eos_id)
+        src = source_ids(self.langs[k]["tag_id"], self.src[k][i], self.eos_id)
         tgt_in, tgt_out = target_ids(self.tgt[k][i], self.bos_id, self.eos_id)
         return src, tgt_in, tgt_out
 
@@ -56,8 +56,8 @@ class Batch:
     src: torch.Tensor  # [B, S]
     tgt_in: torch.Tensor  # [B, T]
     tgt_out: torch.Tensor  # [B, T]
-    lang: torch.Tensor  # [B] task index of each row; rows are grouped by task
-    segments: dict  # task index -> (first row, end row)
+    lang: torch.Tensor  # [B] language index of each row; rows are grouped by language
+    segments: dict  # language index -> (first row, end row)
     ntokens: int  # target tokens (what the loss is averaged over)
 
     def language_rows(self, k: int, pad_id: int) -> "Batch":
@@ -76,8 +76,8 @@ class Batch:
 
 
 def collate(ds: MultilingualDataset, items: list[tuple[int, int]], max_positions: int) -> Batch:
-    """Pad a list of (task, index) into a batch whose rows are grouped by task."""
-    items = sorted(items, key=lambda ki: ki[0])  # stable: keeps the sampler's order within a task
+    """Pad a list of (language, index) into a batch whose rows are grouped by language."""
+    items = sorted(items, key=lambda ki: ki[0])  # stable: keeps the sampler's order within a language
     exs = [ds.example(k, i) for k, i in items]
     longest = max(max(len(s), len(t)) for s, t, _ in exs)
     if longest > max_positions:
@@ -113,7 +113,7 @@ def sampling_probs(sizes, temperature: float = 5.0, weights=None) -> np.ndarray:
     if not temperature > 0:
         raise ValueError(f"sampling temperature must be > 0 (or inf), got {temperature}")
     if (sizes <= 0).any():
-        raise ValueError(f"every task needs training data; sizes are {sizes.astype(int).tolist()}")
+        raise ValueError(f"every language needs training data; sizes are {sizes.astype(int).tolist()}")
     p = (sizes / sizes.sum()) ** (0.0 if math.isinf(temperature) else 1.0 / temperature)
     return p / p.sum()
 
@@ -134,13 +134,13 @@ def pack_by_length(items: list, lens: np.ndarray, max_tokens: int) -> list[list]
 class TemperatureSampler:
     """Endless stream of token-budgeted, language-grouped micro-batches, disjoint across ranks.
 
-    Every rank runs the same generator from the same seed. Examples are drawn in *pools*: a task
-    from p, then that task's next index in a per-task, per-epoch permutation; a pool is sorted by
+    Every rank runs the same generator from the same seed. Examples are drawn in *pools*: a language
+    from p, then that language's next index in a per-language, per-epoch permutation; a pool is sorted by
     length, cut into batches of at most ``max_tokens`` (padded) tokens, shuffled, and dealt out
     round-robin (rank r takes batches r, r+W, ...). Length-sorting inside a pool keeps padding low
     without changing the sampling distribution.
 
-    The state is small: the RNG state and per-task cursors at the start of the current pool plus the
+    The state is small: the RNG state and per-language cursors at the start of the current pool plus the
     position in it. Resuming regenerates that pool and skips to the position, so the data order is
     exactly that of an uninterrupted run.
     """
@@ -161,7 +161,7 @@ class TemperatureSampler:
         self.rng = np.random.default_rng(seed)
         self.epoch = np.zeros(len(lengths), dtype=np.int64)
         self.cursor = np.zeros(len(lengths), dtype=np.int64)
-        self.counts = np.zeros(len(lengths), dtype=np.int64)  # sentences this rank has consumed per task
+        self.counts = np.zeros(len(lengths), dtype=np.int64)  # sentences this rank has consumed per language
         self._perm: dict[int, tuple[int, np.ndarray]] = {}
         self._pool: list[list[tuple[int, int]]] = []
         self._pos = 0
@@ -252,7 +252,7 @@ def eval_batches(ds: MultilingualDataset, max_tokens: int, rank: int, world: int
     get an empty list and must still run a forward with zero weight.
     """
     batches = []
-    for k in range(ds.num_tasks):
+    for k in range(ds.num_langs):
         idx = np.arange(ds.sizes[k])
         batches += pack_by_length([(k, int(i)) for i in idx], ds.example_len(k, idx), max_tokens)
     per_rank = math.ceil(len(batches) / world)

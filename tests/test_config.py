@@ -75,7 +75,7 @@ def test_each_method_gets_its_papers_defaults_and_owns_its_options():
     assert (_method(["--method", "pcgrad"]).granularity, _method(["--method", "mgda"]).granularity) == \
         ("whole_model", "whole_model")
     gv = _method(["--method", "gradvac"])
-    assert gv.granularity == "all_layer" and gv.options["tasks"] == "lrl" and gv.options["beta"] == 1e-2
+    assert gv.granularity == "all_layer" and gv.options["langs"] == "lrl" and gv.options["beta"] == 1e-2
     cats = _method(["--method", "cats"])
     assert cats.granularity == "whole_model" and cats.langs_per_batch == 8
     assert _method(["--method", "pcgrad", "--granularity", "all_layer"]).granularity == "all_layer"

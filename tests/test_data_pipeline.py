@@ -87,7 +87,7 @@ def tatoeba(tmp_path_factory):
     root = shared_data() / "tatoeba_challenge"
     out = tmp_path_factory.mktemp("prep") / "tatoeba"
     with pytest.warns(CorpusWarning, match="no test split"):
-        meta = prepare(PrepareConfig(corpus=root, out=out, langs=TATOEBA_LANGS, vocab_size=2000,
+        meta = prepare(PrepareConfig(corpus=root, out=out, pairs=TATOEBA_LANGS, vocab_size=2000,
                                      spm_sentences=20000, workers=2, chunk_lines=3000, quiet=True))
     return root, out, meta
 
@@ -97,7 +97,7 @@ def ntrex(tmp_path_factory):
     root = shared_data() / "ntrex128"
     out = tmp_path_factory.mktemp("prep") / "ntrex"
     with pytest.warns(CorpusWarning):
-        meta = prepare(PrepareConfig(corpus=root, out=out, langs=NTREX_LANGS, vocab_size=3000, direction="both",
+        meta = prepare(PrepareConfig(corpus=root, out=out, pairs=NTREX_LANGS, vocab_size=3000, direction="both",
                                      spm_sentences=8000, workers=1, max_len=120, max_ratio=2.5, quiet=True))
     return root, out, meta
 
@@ -190,11 +190,11 @@ def test_real_ntrex_both_directions(ntrex):
 def test_prepare_is_idempotent_and_refuses_foreign_output(tatoeba):
     root, out, meta = tatoeba
     stamp = (out / "meta.json").stat().st_mtime_ns
-    again = prepare(PrepareConfig(corpus=root, out=out, langs=list(reversed(TATOEBA_LANGS)), vocab_size=2000,
+    again = prepare(PrepareConfig(corpus=root, out=out, pairs=list(reversed(TATOEBA_LANGS)), vocab_size=2000,
                                   spm_sentences=20000, workers=1, chunk_lines=3000, quiet=True))
     assert again == meta and (out / "meta.json").stat().st_mtime_ns == stamp
     with pytest.raises(OutputExistsError, match="different settings.*--overwrite"):
-        prepare(PrepareConfig(corpus=root, out=out, langs=TATOEBA_LANGS, vocab_size=1000, quiet=True))
+        prepare(PrepareConfig(corpus=root, out=out, pairs=TATOEBA_LANGS, vocab_size=1000, quiet=True))
 
 
 # --------------------------------------------------------------------------- filtering
@@ -314,14 +314,14 @@ def test_error_invalid_utf8_names_file_line_and_offset(tmp_path):
 
 def test_error_unknown_language(tmp_path):
     corpus = small_corpus(tmp_path / "c")
-    with pytest.raises(UnknownLanguageError, match=r"unknown language code\(s\) 'zz' in --langs.*available: xa, xb"):
-        prepare(quick_cfg(corpus, tmp_path / "out", langs=["xa", "zz"]))
+    with pytest.raises(UnknownLanguageError, match=r"unknown language code\(s\) 'zz' in --pairs.*available: xa, xb"):
+        prepare(quick_cfg(corpus, tmp_path / "out", pairs=["xa", "zz"]))
 
 
 def test_error_duplicate_language(tmp_path):
     corpus = small_corpus(tmp_path / "c")
     with pytest.raises(DuplicateLanguageError, match="'xa' is listed twice"):
-        prepare(quick_cfg(corpus, tmp_path / "out", langs=["xa", "xa"]))
+        prepare(quick_cfg(corpus, tmp_path / "out", pairs=["xa", "xa"]))
     xx, en = synthetic_lines(3, 20)
     write_pair(corpus, "xa", {"train": (xx, en), "dev": (xx, en)}, dirname="en-xa")
     with pytest.raises(DuplicateLanguageError, match=r"'xa' occurs twice: .*/en-xa and .*/xa-en"):
@@ -352,7 +352,7 @@ def test_error_bad_config_and_cli_exit_code(tmp_path, capsys):
         prepare(quick_cfg(corpus, tmp_path / "out", direction="sideways"))
     with pytest.raises(ConfigError, match="--min-len/--max-len"):
         prepare(quick_cfg(corpus, tmp_path / "out", min_len=10, max_len=5))
-    assert main(["--corpus", str(corpus), "--out", str(tmp_path / "out"), "--langs", "nope", "--quiet"]) == 2
+    assert main(["--corpus", str(corpus), "--out", str(tmp_path / "out"), "--pairs", "nope", "--quiet"]) == 2
     assert "error: unknown language code(s) 'nope'" in capsys.readouterr().err
 
 
@@ -402,17 +402,17 @@ def test_load_raw_splits_on_newline_only(tmp_path):
 
 
 def test_select_tasks_keeps_the_given_order_and_names_bad_tasks():
-    from data_pipeline.indexed import select_tasks
+    from data_pipeline.indexed import select_langs
 
     def names(sel, **kw):
-        return [t["name"] for t in select_tasks(GOOD_META, sel, **kw)]
+        return [t["name"] for t in select_langs(GOOD_META, sel, **kw)]
 
     assert names(None) == names("") == names([]) == names(" , ") == ["en-xa", "xa-en", "en-xb"]
     assert names("en-xb,en-xa") == names(["en-xb", "en-xa"]) == names(" en-xb , en-xa,") == ["en-xb", "en-xa"]
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['en-zz', 'xb-en'\]; available: "
+    with pytest.raises(ValueError, match=r"unknown language\(s\) \['en-zz', 'xb-en'\]; available: "
                                          r"\['en-xa', 'xa-en', 'en-xb'\]"):
         names("en-xa,en-zz,xb-en")
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['en-zz'\]; /some/dir has"):
+    with pytest.raises(ValueError, match=r"unknown language\(s\) \['en-zz'\]; /some/dir has"):
         names(["en-zz"], data_dir="/some/dir")
     with pytest.raises(ValueError, match=r"\['en-xa'\] selected more than once"):
         names("en-xa,en-xb,en-xa")

@@ -42,7 +42,7 @@ def test_default_config_without_data_reports_the_synthetic_corpus(tmp_path, monk
     assert "would be generated" in text
     assert not (tmp_path / "synthetic").exists()  # nothing generated
     assert not (tmp_path / "run").exists()  # nothing written
-    assert p.numbers["world"] == 1 and p.numbers["dp"] == 1 and p.numbers["tasks"] == 28
+    assert p.numbers["world"] == 1 and p.numbers["dp"] == 1 and p.numbers["langs"] == 28
     out = io.StringIO()
     dry_run.render(p, out)
     assert out.getvalue().rstrip().endswith("plan OK")
@@ -62,7 +62,7 @@ def test_prepared_corpus(small_synthetic, tmp_path):
     train = TrainConfig(save_dir=str(tmp_path / "run"), grad_accum=3)
     p = _plan(tmp_path, data=data, train=train, world_size=4)
     assert p.ok, p.problems
-    assert p.numbers["tasks"] == 6
+    assert p.numbers["langs"] == 6
     assert p.numbers["tokens_per_update"] == 1000 * 4 * 3
     assert p.numbers["train_batch_size"] == 4 * 3  # DeepSpeed's nominal batch: micro 1 × ga × DP
     # The parameter count of the meta-device model is the real model's.
@@ -73,9 +73,9 @@ def test_prepared_corpus(small_synthetic, tmp_path):
     assert p.numbers["params"] == real.num_parameters()
     # Task subset and unknown tasks.
     names = [t["name"] for t in meta["tasks"]]
-    assert _plan(tmp_path, data=DataConfig(data_dir=str(small_synthetic), tasks=",".join(names[:2])),
-                 train=train).numbers["tasks"] == 2
-    bad = _plan(tmp_path, data=DataConfig(data_dir=str(small_synthetic), tasks="en-zz"), train=train)
+    assert _plan(tmp_path, data=DataConfig(data_dir=str(small_synthetic), langs=",".join(names[:2])),
+                 train=train).numbers["langs"] == 2
+    bad = _plan(tmp_path, data=DataConfig(data_dir=str(small_synthetic), langs="en-zz"), train=train)
     assert any("en-zz" in x for x in bad.problems)
 
 
@@ -126,7 +126,7 @@ def test_memory_through_the_plan_equals_deepspeed(tmp_path):
 def test_per_language_slices(tmp_path):
     p = _plan(tmp_path, method=MethodConfig(method="gradvac"), ds="zero2.json", world_size=4)
     assert p.ok, p.problems
-    K, P = p.numbers["tasks"], p.numbers["params"]
+    K, P = p.numbers["langs"], p.numbers["params"]
     assert p.numbers["pergrad_bytes"] == pytest.approx(K * P / 4 * 4)
     assert "pergrad_bytes" not in _plan(tmp_path, world_size=4).numbers
     cats = _plan(tmp_path, method=MethodConfig(method="cats", langs_per_batch=3), ds="zero2.json", world_size=4)

@@ -17,7 +17,7 @@ import torch
 
 from megavac.evaluation.consolidate import load_model_from_checkpoint, resolve_checkpoint
 from megavac.distributed import free_port
-from megavac.evaluation.evaluate import Thresholds, bleu_tokenizer, resource_group, select_tasks, split_files
+from megavac.evaluation.evaluate import Thresholds, bleu_tokenizer, resource_group, select_langs, split_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,14 +129,14 @@ def test_resource_groups():
 
 def test_select_tasks():
     meta = {"tasks": [{"name": "en-de"}, {"name": "de-en"}]}
-    assert [t["name"] for t in select_tasks(meta, "de-en")] == ["de-en"]
-    assert len(select_tasks(meta, None)) == 2
+    assert [t["name"] for t in select_langs(meta, "de-en")] == ["de-en"]
+    assert len(select_langs(meta, None)) == 2
     with pytest.raises(ValueError, match="en-xx"):
-        select_tasks(meta, "en-de,en-xx")
+        select_langs(meta, "en-de,en-xx")
     # Evaluation and training share data_pipeline's selection: the same order, the same errors.
     from data_pipeline import indexed
 
-    assert select_tasks is indexed.select_tasks
+    assert select_langs is indexed.select_langs
 
 
 def test_split_files_fall_back_to_dev(tmp_path, caplog):
@@ -219,16 +219,16 @@ def test_evaluate_cli_end_to_end(tmp_path):
 
     r = json.loads(out.read_text())
     assert (r["tag"], r["step"], r["checkpoint"]) == ("step_1", 1, str((root / "step_1").resolve()))
-    assert set(r["tasks"]) == {"en-de", "de-en", "en-zh", "en-ja"}
-    for name, t in r["tasks"].items():
+    assert set(r["langs"]) == {"en-de", "de-en", "en-zh", "en-ja"}
+    for name, t in r["langs"].items():
         assert {"bleu", "chrf", "n", "group", "tokenizer"} <= set(t)
         assert t["n"] == 6 and 0 <= t["bleu"] <= 100 and 0 <= t["chrf"] <= 100
         hyp = tmp_path / "eval" / f"hyp.{name}.{t['split']}.txt"
         assert len(hyp.read_text(encoding="utf-8").splitlines()) == 6
-    assert [r["tasks"][n]["group"] for n in ("en-de", "de-en", "en-zh", "en-ja")] == ["medium", "medium", "low", "high"]
-    assert r["tasks"]["en-ja"]["split"] == "dev" and r["tasks"]["en-de"]["split"] == "test"
-    assert r["tasks"]["en-zh"]["tokenizer"] == "zh" and r["tasks"]["de-en"]["tokenizer"] == "13a"
-    ja_tok = r["tasks"]["en-ja"]["tokenizer"]
+    assert [r["langs"][n]["group"] for n in ("en-de", "de-en", "en-zh", "en-ja")] == ["medium", "medium", "low", "high"]
+    assert r["langs"]["en-ja"]["split"] == "dev" and r["langs"]["en-de"]["split"] == "test"
+    assert r["langs"]["en-zh"]["tokenizer"] == "zh" and r["langs"]["de-en"]["tokenizer"] == "13a"
+    ja_tok = r["langs"]["en-ja"]["tokenizer"]
     assert ja_tok in ("ja-mecab", "char")
     assert {g: r["groups"][g]["n_tasks"] for g in ("low", "medium", "high", "all")} == {
         "low": 1, "medium": 2, "high": 1, "all": 4}
@@ -274,7 +274,7 @@ def test_reference_lines_keep_cr_and_unicode_line_separators(tmp_path):
     assert (refs, src, split) == (odd, odd[::-1], "test")
 
     r = evaluate(tiny_model(meta), data, tmp_path / "eval", "en-de", quick_opts())
-    assert r["tasks"]["en-de"]["n"] == 6 and r["tasks"]["en-de"]["split"] == "test"
+    assert r["langs"]["en-de"]["n"] == 6 and r["langs"]["en-de"]["split"] == "test"
 
 
 def test_evaluate_refuses_unknown_tasks_and_foreign_data_dirs(tmp_path):
@@ -283,11 +283,11 @@ def test_evaluate_refuses_unknown_tasks_and_foreign_data_dirs(tmp_path):
     data = tmp_path / "data"
     meta = make_data_dir(data)
     model = tiny_model(meta)
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['en-xx'\].*en-de"):
+    with pytest.raises(ValueError, match=r"unknown language\(s\) \['en-xx'\].*en-de"):
         evaluate(model, data, tmp_path / "eval", "en-de,en-xx", quick_opts())
-    # Order of --tasks is kept, as in training.
+    # Order of --langs is kept, as in training.
     r = evaluate(model, data, tmp_path / "eval", " en-zh,en-de ", quick_opts())
-    assert list(r["tasks"]) == ["en-zh", "en-de"]
+    assert list(r["langs"]) == ["en-zh", "en-de"]
 
     meta_file = data / "meta.json"
     meta_file.write_text(json.dumps({**meta, "format_version": 2}))

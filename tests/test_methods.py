@@ -37,7 +37,7 @@ def problem(K, seed, absent=True, zero=True, base=None, noise=1.0):
 
 # Options that make every method runnable on a bare Gram: GradVac's default (LRL_only) needs the languages'
 # training-set sizes, which these tests do not have; CATS updates α every step.
-OPTS = {"gradvac": {"tasks": "all"}, "cats": {"warm_interval": 1}}
+OPTS = {"gradvac": {"langs": "all"}, "cats": {"warm_interval": 1}}
 
 
 def gram_of(groups):
@@ -76,7 +76,7 @@ def test_pcgrad_matches_literal(K, order):
 
 
 def _gradvac_run(K, steps, order="shared", **options):
-    m = build_method("gradvac", K, order=order, **{"tasks": "all", **options})
+    m = build_method("gradvac", K, order=order, **{"langs": "all", **options})
     gen = torch.Generator().manual_seed(7)
     ema = [[[0.0] * K for _ in range(K)] for _ in DIMS]
     base, _ = problem(K, 999, absent=False, zero=False)
@@ -101,7 +101,7 @@ def test_gradvac_ema_matches_literal_over_steps(K, order):
 
 def test_gradvac_lrl_subset_matches_literal():
     sizes = [5000, 90, 800000, 60, 100]
-    m, ema = _gradvac_run(5, 4, beta=0.2, tasks="lrl", sizes=sizes, size_threshold=1000)
+    m, ema = _gradvac_run(5, 4, beta=0.2, langs="lrl", sizes=sizes, size_threshold=1000)
     assert m.subset.tolist() == [False, True, False, True, True]
     assert_ema_close(m.ema, ema)
     # Rows outside the subset are never compared: their EMA rows stay at the initial 0.
@@ -110,7 +110,7 @@ def test_gradvac_lrl_subset_matches_literal():
 
 def test_gradvac_hrl_and_fixed_target_match_literal():
     sizes = [5000, 90, 800000, 60, 100]
-    _gradvac_run(5, 3, beta=0.2, tasks="hrl", sizes=sizes, size_threshold=1000)
+    _gradvac_run(5, 3, beta=0.2, langs="hrl", sizes=sizes, size_threshold=1000)
     m, _ = _gradvac_run(5, 3, fixed_target=0.5)
     assert m.ema is None  # fixed target: no EMA kept
 
@@ -198,7 +198,7 @@ def test_gradvac_reaches_target_on_last_altered_pair():
     # last j of a row nothing alters g'_i afterwards, so the final cosine is ≥ the target.
     K, target = 5, 0.4
     groups, present = problem(K, 3, absent=False, zero=False)
-    m = build_method("gradvac", K, fixed_target=target, tasks="all")
+    m = build_method("gradvac", K, fixed_target=target, langs="all")
     m.weights(gram_of(groups), ctx(0, present, torch.Generator().manual_seed(2)))
     for v in groups:
         for i in range(K):
@@ -216,7 +216,7 @@ def test_gradvac_reaches_target_on_last_altered_pair():
 @pytest.mark.parametrize("order", ["shared", "independent"])
 def test_gradvac_fixed_target_zero_is_pcgrad(order):
     K = 6
-    a = build_method("gradvac", K, fixed_target=0.0, order=order, tasks="all")
+    a = build_method("gradvac", K, fixed_target=0.0, order=order, langs="all")
     b = build_method("pcgrad", K, order=order)
     ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for step in range(3):
@@ -227,7 +227,7 @@ def test_gradvac_fixed_target_zero_is_pcgrad(order):
         assert torch.allclose(wa, wb, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,options", [("pcgrad", {}), ("gradvac", {"beta": 0.3, "tasks": "all"}), ("mgda", {}),
+@pytest.mark.parametrize("name,options", [("pcgrad", {}), ("gradvac", {"beta": 0.3, "langs": "all"}), ("mgda", {}),
                                           ("pcgrad", {"order": "independent"})])
 def test_weights_invariant_to_gradient_scale(name, options):
     K = 5
@@ -394,9 +394,9 @@ def test_gradvac_targets_at_plus_minus_one_are_clamped():
     gram = gram_of(groups)
     for target in (1.0, -1.0, 1.5):  # Eq. 2 divides by √(1 − φ̂²): a fixed target of ±1 is refused by name
         with pytest.raises(ValueError, match=f"fixed_target.*{target}"):
-            build_method("gradvac", K, fixed_target=target, tasks="all")
+            build_method("gradvac", K, fixed_target=target, langs="all")
     # An EMA target can still approach ±1 (it averages cosines): clamped where used.
-    m = build_method("gradvac", K, tasks="all")
+    m = build_method("gradvac", K, langs="all")
     m.load_state_dict({"skipped": 0, "ema": torch.ones(3, K, K, dtype=torch.float64)})
     w = m.weights(gram, ctx(0, present, torch.Generator()))
     # Target 1 − 1e-6: reaching cosine 0.999999 with a₁ = 1 takes a coefficient up to ≈ 1/√(2·1e-6) ≈ 707
@@ -419,7 +419,7 @@ def test_anti_parallel_pairs_with_large_norms_stay_finite(name, order):
     K, D = 4, 16
     gen = torch.Generator().manual_seed(3)
     m = build_method(name.split("_")[0], K, order=order,
-                     **({"tasks": "all", **({"fixed_target": 0.5} if name == "gradvac_fixed" else {})}
+                     **({"langs": "all", **({"fixed_target": 0.5} if name == "gradvac_fixed" else {})}
                         if name.startswith("gradvac") else {}))
     rng = torch.Generator().manual_seed(5)
     for step in range(60):
@@ -452,7 +452,7 @@ def test_altered_norm_cannot_go_negative():
 # --------------------------------------------------------------------------------------- state
 
 @pytest.mark.parametrize("name,options", [
-    ("gradvac", {"beta": 0.3, "tasks": "all"}), ("cats", {"warm_interval": 2}), ("gradnorm", {}), ("pcgrad", {}),
+    ("gradvac", {"beta": 0.3, "langs": "all"}), ("cats", {"warm_interval": 2}), ("gradnorm", {}), ("pcgrad", {}),
     ("mgda", {}), ("monolithic", {})])
 def test_state_dict_round_trip_continues_identically(name, options):
     K = 5
@@ -483,7 +483,7 @@ def test_state_dict_round_trip_continues_identically(name, options):
 
 
 def test_load_state_dict_rejects_bad_values():
-    m = build_method("gradvac", 4, tasks="all")
+    m = build_method("gradvac", 4, langs="all")
     with pytest.raises(ValueError, match="ema"):
         m.load_state_dict({"skipped": 0, "ema": torch.zeros(2, 3, 3)})
     with pytest.raises(ValueError, match="alpha"):
@@ -509,7 +509,7 @@ GOLDEN = {  # verified against tests/reference_methods.py (vectors = Cholesky fa
 
 
 def _golden(name):
-    m = build_method(name, 4, **({"beta": 0.5, "tasks": "all"} if name == "gradvac" else {}))
+    m = build_method(name, 4, **({"beta": 0.5, "langs": "all"} if name == "gradvac" else {}))
     gen = torch.Generator().manual_seed(1234)
     present = torch.ones(4, dtype=torch.bool)
     w = m.weights(GOLDEN_GRAM, ctx(0, present, gen))
@@ -551,9 +551,9 @@ def test_registry_and_user_errors():
     with pytest.raises(ValueError, match="betta"):
         build_method("gradvac", 4, betta=0.1)
     with pytest.raises(ValueError, match="'median'"):
-        build_method("gradvac", 4, tasks="median")
+        build_method("gradvac", 4, langs="median")
     with pytest.raises(ValueError, match="sizes"):
-        build_method("gradvac", 4, tasks="lrl")
+        build_method("gradvac", 4, langs="lrl")
     with pytest.raises(ValueError, match="1.5"):
         build_method("gradvac", 4, fixed_target=1.5)
     with pytest.raises(ValueError, match="'random'"):

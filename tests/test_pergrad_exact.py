@@ -212,7 +212,7 @@ def test_method_sees_mean_token_losses_not_shares():
 
 
 def test_nonfinite_slice_skips_the_method_and_leaves_the_overflow_to_deepspeed():
-    method = build_method("gradvac", 3, beta=0.5, tasks="all")
+    method = build_method("gradvac", 3, beta=0.5, langs="all")
     pls, part, slices, engine = _fake_step(method, "all_layer", nonfinite=True)
     stats = pls.gram_step([None], step=0)
     assert stats.skipped and method.skipped == 1

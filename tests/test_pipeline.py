@@ -74,7 +74,7 @@ def _dev_nll(checkpoint, data):
     from megavac.train.validation import Validator
 
     model, meta = load_model_from_checkpoint(checkpoint)
-    dev = MultilingualDataset(str(data), "dev", meta["tasks"])
+    dev = MultilingualDataset(str(data), "dev", meta["langs"])
     out = Validator(dev, 2048, model.cfg.max_positions, 0, 1, torch.device("cpu"), 0.1).run(model)
     return out["avg_nll"], meta
 
@@ -112,8 +112,8 @@ def test_two_stages_train_resume_exactly_and_evaluate(small_synthetic, tmp_path)
     run([sys.executable, "launch/evaluate.py", "--checkpoint", ckpt, "--tag", "latest", "--beam", "2",
          "--max-tokens", "2000", "--out", res])
     results = json.loads(res.read_text())
-    assert results["step"] == 8 and len(results["tasks"]) == 6
-    assert all(0 <= t["bleu"] <= 100 and t["n"] == 30 for t in results["tasks"].values())
+    assert results["step"] == 8 and len(results["langs"]) == 6
+    assert all(0 <= t["bleu"] <= 100 and t["n"] == 30 for t in results["langs"].values())
     # ... and the consolidated model is the trained one: its dev NLL is what the pipelined validation saw.
     nll, meta = _dev_nll(ckpt, small_synthetic)
     assert meta["pipeline_stages"] == 2

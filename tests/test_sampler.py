@@ -91,10 +91,10 @@ def test_dataset_selects_tasks_in_the_given_order_and_names_unknown_ones(small_s
     names = MultilingualDataset(small_synthetic, "dev").names
     assert len(names) == 6
     picked = [names[3], names[0]]
-    for tasks in (picked, ",".join(picked), f" {picked[0]} , {picked[1]},"):  # list, or --tasks as typed
+    for tasks in (picked, ",".join(picked), f" {picked[0]} , {picked[1]},"):  # list, or --langs as typed
         ds = MultilingualDataset(small_synthetic, "dev", tasks)
-        assert ds.names == picked and [t["name"] for t in ds.tasks] == picked  # order = language index k
-    with pytest.raises(ValueError, match=rf"unknown task\(s\) \['en-zz'\]; {small_synthetic} has \[.*{names[0]}"):
+        assert ds.names == picked and [t["name"] for t in ds.langs] == picked  # order = language index k
+    with pytest.raises(ValueError, match=rf"unknown language\(s\) \['en-zz'\]; {small_synthetic} has \[.*{names[0]}"):
         MultilingualDataset(small_synthetic, "dev", [names[0], "en-zz"])
     with pytest.raises(ValueError, match="selected more than once"):
         MultilingualDataset(small_synthetic, "dev", [names[0], names[0]])

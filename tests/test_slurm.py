@@ -373,4 +373,4 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes_exactly(slurm, small_synth
     assert len(results) == 2, list(out.iterdir())
     for r in results:
         res = json.loads(r.read_text())
-        assert res["step"] == steps and len(res["tasks"]) == 6
+        assert res["step"] == steps and len(res["langs"]) == 6

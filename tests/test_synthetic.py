@@ -146,9 +146,9 @@ def test_grammar_has_small_vocabulary_and_regular_english():
 def test_cli_and_prepare_accept_it(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["--out", str(out), "--seed", "0", "--min-size", "5", "--max-size", "50",
-                 "--dev-size", "3", "--test-size", "3", "--langs", "qaa,qgb"]) == 0
+                 "--dev-size", "3", "--test-size", "3", "--pairs", "qaa,qgb"]) == 0
     assert "wrote 2 languages" in capsys.readouterr().out
     c = discover(out)
     assert c.layout == "plain" and [p.code for p in c.pairs] == ["qaa", "qgb"]
     assert set(c.pairs[0].splits) == {"train", "dev", "test"}
-    assert main(["--out", str(tmp_path / "x"), "--langs", "zzz"]) == 2
+    assert main(["--out", str(tmp_path / "x"), "--pairs", "zzz"]) == 2

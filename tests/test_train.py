@@ -62,8 +62,8 @@ def test_zero2_two_ranks_killed_after_checkpoint_resumes_exactly(small_synthetic
     ev = run([sys.executable, "launch/evaluate.py", "--checkpoint", killed / "checkpoints", "--tag", "latest",
               "--beam", "2", "--max-tokens", "2000", "--out", res])
     results = json.loads(res.read_text())
-    assert results["step"] == 14 and len(results["tasks"]) == 6
-    assert all(0 <= t["bleu"] <= 100 and t["n"] == 30 for t in results["tasks"].values())
+    assert results["step"] == 14 and len(results["langs"]) == 6
+    assert all(0 <= t["bleu"] <= 100 and t["n"] == 30 for t in results["langs"].values())
     assert "BLEU" in ev.stdout or "bleu" in ev.stdout.lower()
     ckpt = killed / "checkpoints"
     assert (ckpt / "best").read_text().strip().startswith("step_")
@@ -106,7 +106,7 @@ def test_user_errors_are_one_clear_line(small_synthetic, tmp_path):
     p = run([sys.executable, "launch/train.py", "--ds_config", bad, "--data-dir", small_synthetic,
              "--save-dir", tmp_path / "y"], check=False)
     assert p.returncode == 2 and "gradient_clipping" in p.stderr
-    p = run([sys.executable, "launch/train.py", *args(small_synthetic, tmp_path / "z", "--tasks", "en-xyz")], check=False)
+    p = run([sys.executable, "launch/train.py", *args(small_synthetic, tmp_path / "z", "--langs", "en-xyz")], check=False)
     assert p.returncode == 2 and "en-xyz" in p.stderr
 
 
@@ -120,22 +120,22 @@ def test_real_corpora_through_the_whole_pipeline(tmp_path):
     from data_pipeline.prepare import PrepareConfig, prepare
 
     prepared = tmp_path / "tato"
-    meta = prepare(PrepareConfig(corpus=root / "tatoeba_challenge", out=prepared, langs=["tzl", "kat", "deu"],
+    meta = prepare(PrepareConfig(corpus=root / "tatoeba_challenge", out=prepared, pairs=["tzl", "kat", "deu"],
                                  direction="both", vocab_size=1000, workers=2, quiet=True))
     assert {t["name"] for t in meta["tasks"]} == {"en-deu", "deu-en", "en-kat", "kat-en", "en-tzl", "tzl-en"}
     save = tmp_path / "run"
     run(deepspeed_cmd(2, *args(prepared, save, "--max-steps", 6, "--save-interval", 6, "--temperature", "inf")))
     res = tmp_path / "eval.json"
     run([sys.executable, "launch/evaluate.py", "--checkpoint", save / "checkpoints", "--split", "dev",
-         "--tasks", "en-tzl,tzl-en", "--beam", "2", "--max-len-b", "5", "--out", res])
+         "--langs", "en-tzl,tzl-en", "--beam", "2", "--max-len-b", "5", "--out", res])
     out = json.loads(res.read_text())
-    assert set(out["tasks"]) == {"en-tzl", "tzl-en"} and out["tasks"]["en-tzl"]["n"] == meta["pairs"]["tzl"]["dev"]
-    assert out["tasks"]["en-tzl"]["group"] == "low"
+    assert set(out["langs"]) == {"en-tzl", "tzl-en"} and out["langs"]["en-tzl"]["n"] == meta["pairs"]["tzl"]["dev"]
+    assert out["langs"]["en-tzl"]["group"] == "low"
 
 
 def test_gradvac_two_ranks_resumes_exactly_with_its_ema_state(small_synthetic, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    extra = ["--method", "gradvac", "--gradvac-tasks", "lrl", "--gradvac-size-threshold", "1000", "--granularity",
+    extra = ["--method", "gradvac", "--gradvac-langs", "lrl", "--gradvac-size-threshold", "1000", "--granularity",
              "all_layer", "--gram-log-interval", "3", "--save-interval", "3"]
     run(deepspeed_cmd(2, *args(small_synthetic, full, "--max-steps", 6, *extra)))
     run(deepspeed_cmd(2, *args(small_synthetic, part, "--max-steps", 3, *extra)))

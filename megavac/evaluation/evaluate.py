@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 
-from data_pipeline.indexed import load_meta, load_raw, raw_path, select_tasks, spm_path
+from data_pipeline.indexed import load_meta, load_raw, raw_path, select_langs, spm_path
 from megavac.evaluation.generate import SearchConfig, translate
 from megavac.tokens import source_ids
 
@@ -226,8 +226,8 @@ class EvalOptions:
             raise ValueError(f"split must be 'test' or 'dev', got {self.split!r}")
 
 
-def evaluate(model, data_dir, out_dir, tasks=None, opts: EvalOptions | None = None, progress=None) -> dict:
-    """Translate and score every selected task; writes ``<out_dir>/hyp.<task>.<split>.txt``.
+def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = None, progress=None) -> dict:
+    """Translate and score every selected language; writes ``<out_dir>/hyp.<task>.<split>.txt``.
 
     ``progress`` is an optional ``rich.progress.Progress`` (already started). Returns the result
     dict that ``write_json`` stores (without checkpoint fields, which the caller adds).
@@ -254,7 +254,7 @@ def evaluate(model, data_dir, out_dir, tasks=None, opts: EvalOptions | None = No
     model.to(opts.device)
 
     rows, skipped, signatures = {}, [], {"bleu": {}, "chrf": None}
-    for task in select_tasks(meta, tasks, data_dir):
+    for task in select_langs(meta, langs, data_dir):
         src_lines, refs, split = task_lines(data_dir, task, opts.split)
         if not src_lines:
             log.warning("%s: %s is empty; skipping the task", task["name"],
@@ -293,7 +293,7 @@ def evaluate(model, data_dir, out_dir, tasks=None, opts: EvalOptions | None = No
         "split": opts.split,
         "search": asdict(search) | {"max_tokens": opts.max_tokens},
         "thresholds": asdict(opts.thresholds),
-        "tasks": rows,
+        "langs": rows,
         "groups": group_averages(list(rows.values())),
         "groups_by_direction": {
             d: group_averages([r for r in rows.values() if r["direction"] == d]) for d in directions
@@ -331,19 +331,19 @@ def make_progress(console):
 
 
 def render_table(results: dict, console) -> None:
-    """Per-task scores, then group averages, as rich tables; then the metric signatures."""
+    """Per-language scores, then group averages, as rich tables; then the metric signatures."""
     from rich.table import Table
 
     t = Table(title=f"{results.get('tag', '')} {results['split']}".strip())
-    for col in ("task", "group", "train pairs", "n", "tok", "BLEU", "chrF"):
-        t.add_column(col, justify="left" if col in ("task", "group", "tok") else "right")
-    for name, r in results["tasks"].items():
+    for col in ("language", "group", "train pairs", "n", "tok", "BLEU", "chrF"):
+        t.add_column(col, justify="left" if col in ("language", "group", "tok") else "right")
+    for name, r in results["langs"].items():
         t.add_row(name, r["group"], f"{r['train_pairs']:,}", str(r["n"]), r["tokenizer"], f"{r['bleu']:.2f}",
                   f"{r['chrf']:.2f}")
     console.print(t)
 
     g = Table(title="averages")
-    for col in ("direction", "group", "tasks", "BLEU", "chrF"):
+    for col in ("direction", "group", "languages", "BLEU", "chrF"):
         g.add_column(col, justify="left" if col in ("direction", "group") else "right")
     sections = [("all", results["groups"])] + list(results["groups_by_direction"].items())
     for d, groups in sections:

@@ -15,7 +15,7 @@ not recompute φ). Languages outside 𝒢 keep g'_i = g_i (C_i = e_i) but are st
 The update of the group is Σ_i g'_i = Σ_j w_j g_j, w = 1ᵀC.
 
 Variants: ``fixed_target=c`` uses the constant target φ̂ ≡ c and keeps no EMA (the paper's ablation
-uses 0.5); ``fixed_target=0`` is PCGrad exactly. ``tasks`` picks 𝒢 from the training-set sizes:
+uses 0.5); ``fixed_target=0`` is PCGrad exactly. ``langs`` picks 𝒢 from the training-set sizes:
 "lrl" = size < ``size_threshold``, "hrl" = size ≥ ``size_threshold`` (the paper's best: LRL_only,
 all_layer granularity, β = 1e-2).
 
@@ -34,22 +34,22 @@ from megavac.methods.base import (GramMethod, StepContext, active_mask, check_ch
                                   check_state_tensor)
 from megavac.methods.pcgrad import ORDERS, draw_order, pairwise_surgery
 
-TASKS = ("all", "lrl", "hrl")
+SUBSETS = ("all", "lrl", "hrl")
 
 
-def task_subset(num_langs: int, tasks: str, sizes, size_threshold) -> torch.Tensor:
+def lang_subset(num_langs: int, langs: str, sizes, size_threshold) -> torch.Tensor:
     """bool [K]: languages GradVac alters."""
-    if tasks not in TASKS:
-        raise ValueError(f"tasks must be one of {TASKS}, got {tasks!r}")
-    if tasks == "all":
+    if langs not in SUBSETS:
+        raise ValueError(f"langs must be one of {SUBSETS}, got {langs!r}")
+    if langs == "all":
         return torch.ones(num_langs, dtype=torch.bool)
     if sizes is None:
-        raise ValueError(f"gradvac tasks={tasks!r} needs the languages' training-set sizes, got sizes=None")
+        raise ValueError(f"gradvac langs={langs!r} needs the languages' training-set sizes, got sizes=None")
     sizes = torch.as_tensor(sizes, dtype=torch.float64)
     if sizes.shape != (num_langs,):
         raise ValueError(f"sizes must have {num_langs} entries, got shape {tuple(sizes.shape)}")
     low = sizes < float(size_threshold)
-    return low if tasks == "lrl" else ~low
+    return low if langs == "lrl" else ~low
 
 
 class GradVac(GramMethod):
@@ -67,7 +67,7 @@ class GradVac(GramMethod):
     class Options:
         beta: float = 1e-2
         """EMA rate β of the cosine-similarity targets φ̂ (Eq. 3; the paper searched 1e-1, 1e-2, 1e-3)."""
-        tasks: str = "lrl"
+        langs: str = "lrl"
         """Languages whose gradients are altered: lrl (training pairs < size_threshold), hrl (the others)
         or all. Every present language still serves as a direction g_j."""
         size_threshold: float = 100_000
@@ -79,7 +79,7 @@ class GradVac(GramMethod):
 
         def __post_init__(self):
             check_number("gradvac beta", self.beta, low=0.0, high=1.0, low_open=True)
-            check_choice("gradvac tasks", self.tasks, TASKS)
+            check_choice("gradvac langs", self.langs, SUBSETS)
             check_number("gradvac size_threshold", self.size_threshold, low=0.0)
             if self.fixed_target is not None:
                 # Eq. 2 divides by √(1 − φ̂²): a target of ±1 would need an infinite multiple of g_j.
@@ -91,8 +91,8 @@ class GradVac(GramMethod):
         super().__init__(num_langs, **options)
         o = self.options
         self.beta = float(o.beta)
-        self.tasks = o.tasks
-        self.subset = task_subset(num_langs, o.tasks, sizes, o.size_threshold)
+        self.langs = o.langs
+        self.subset = lang_subset(num_langs, o.langs, sizes, o.size_threshold)
         self.fixed_target = None if o.fixed_target is None else float(o.fixed_target)
         self.order = o.order
         # EMA targets, stored transposed ([G, j, i]); created at the first call (G is unknown before).

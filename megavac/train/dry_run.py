@@ -198,8 +198,8 @@ class Plan:
 
 
 def _data_info(data, plan: Plan) -> dict | None:
-    """meta-like info: vocab_size, pad_id, task names, train sizes; None when unusable."""
-    from data_pipeline.indexed import load_meta, select_tasks
+    """meta-like info: vocab_size, pad_id, language names, train sizes; None when unusable."""
+    from data_pipeline.indexed import load_meta, select_langs
 
     if data.data_dir:
         path, option, found = Path(data.data_dir), f"--data-dir {data.data_dir}", "meta.json found"
@@ -216,7 +216,7 @@ def _data_info(data, plan: Plan) -> dict | None:
             codes = sorted(lang.code for lang in build_languages(SEED))
             plan.add("paths", "data dir", f"{path}: the synthetic corpus would be generated and prepared "
                                           f"({len(codes)} languages, vocab {VOCAB_SIZE} requested)")
-            plan.notes.append("synthetic corpus not prepared yet: vocab and task count are the generator's defaults")
+            plan.notes.append("synthetic corpus not prepared yet: vocab and language count are the generator's defaults")
             return {"vocab_size": VOCAB_SIZE, "pad_id": 0, "names": [f"en-{c}" for c in codes], "sizes": None}
     try:  # a stale synthetic dir (older format) is a problem to report too, not a traceback
         meta = load_meta(path)
@@ -225,12 +225,12 @@ def _data_info(data, plan: Plan) -> dict | None:
         return None
     plan.add("paths", "data dir", f"{path} ({found})")
     try:
-        tasks = select_tasks(meta, data.tasks, path)
+        langs = select_langs(meta, data.langs, path)
     except ValueError as e:
-        plan.problems.append(f"--tasks: {e}")
-        tasks = meta["tasks"]  # report the rest of the plan over all tasks
-    return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": [t["name"] for t in tasks],
-            "sizes": [meta["pairs"][t["pair"]]["train"] for t in tasks]}
+        plan.problems.append(f"--langs: {e}")
+        langs = meta["tasks"]  # report the rest of the plan over all languages
+    return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": [t["name"] for t in langs],
+            "sizes": [meta["pairs"][t["pair"]]["train"] for t in langs]}
 
 
 def _check_save_dir(train, plan: Plan) -> None:
@@ -348,9 +348,9 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     plan.numbers.update(world=world, stages=pipeline_stages, dp=dp, params=params, largest_layer=largest,
                         vocab_size=vocab)
     if info:
-        plan.add("data", "tasks", f"{len(info['names'])}: {', '.join(info['names'][:12])}"
+        plan.add("data", "languages", f"{len(info['names'])}: {', '.join(info['names'][:12])}"
                                   f"{' …' if len(info['names']) > 12 else ''}")
-        plan.numbers["tasks"] = len(info["names"])
+        plan.numbers["langs"] = len(info["names"])
 
     if ds is None:
         return plan
@@ -393,7 +393,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     if method.method != "monolithic":
         K = len(info["names"]) if info else 0
         per_batch = method.langs_per_batch or K
-        # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K tasks.
+        # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K languages.
         # Under pipeline parallelism a row is the stage's whole local gradient (ZeRO-1 partitions only the
         # optimizer state there), and each language's rows form their own micro-batch: no extra backward.
         slice_elems = stage_params if pipeline_stages > 1 else stage_params // dp

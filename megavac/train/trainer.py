@@ -59,9 +59,9 @@ def build_method(cfg: MethodConfig, train_data: MultilingualDataset, param_names
     """The per-language gradient method with its (resolved) options."""
     from megavac.methods import RunInfo, method_class
 
-    sizes = [train_data.meta["pairs"][t["pair"]]["train_raw"] for t in train_data.tasks]
+    sizes = [train_data.meta["pairs"][t["pair"]]["train_raw"] for t in train_data.langs]
     run = RunInfo(sizes=sizes, param_names=param_names, granularity=cfg.granularity)
-    return method_class(cfg.method).for_run(train_data.num_tasks, cfg.options, run)
+    return method_class(cfg.method).for_run(train_data.num_langs, cfg.options, run)
 
 
 class Trainer:
@@ -75,10 +75,9 @@ class Trainer:
 
         # Data
         self.data_dir = resolve_data_dir(data, self.rank)
-        tasks = [t for t in data.tasks.split(",") if t]
-        self.train_data = MultilingualDataset(self.data_dir, "train", tasks)
+        self.train_data = MultilingualDataset(self.data_dir, "train", data.langs)
         self.dev_data = MultilingualDataset(self.data_dir, "dev", self.train_data.names)
-        self.K = self.train_data.num_tasks
+        self.K = self.train_data.num_langs
         meta = self.train_data.meta
 
         # Model and engine. With pipeline stages each rank builds only its stage's layers
@@ -136,7 +135,7 @@ class Trainer:
                                    self.dp_rank, self.dp_world, self.device, train.label_smoothing, self.runner)
         self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
         info = {"model": self.model_cfg.to_dict(), "data_dir": str(Path(self.data_dir).resolve()),
-                "tasks": self.train_data.names, "world_size": self.world,
+                "langs": self.train_data.names, "world_size": self.world,
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config),
                 "method": method.method, "pipeline_stages": self.stages}
         self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
@@ -156,7 +155,7 @@ class Trainer:
             params = Transformer(self.model_cfg).num_parameters()
         layout = f"world {self.world}" if self.stages == 1 else \
             f"world {self.world} = {self.stages} pipeline stages × {self.dp_world} data-parallel"
-        print(f"model {self.cfg.model}: {params:,} parameters | {self.K} tasks | {layout} | ZeRO-{self.ds_config['zero_optimization']['stage']} "
+        print(f"model {self.cfg.model}: {params:,} parameters | {self.K} languages | {layout} | ZeRO-{self.ds_config['zero_optimization']['stage']} "
               f"{precision_of(self.ds_config)} | grad accum {self.ga} | method {self.method_cfg.method} | "
               f"data {self.data_dir}", flush=True)
         print("sampling probabilities: " + ", ".join(

@@ -20,8 +20,8 @@ class Validator:
 
     @torch.no_grad()
     def run(self, engine) -> dict:
-        """Returns per-task NLL per token and perplexity plus their unweighted average over tasks."""
-        K = self.ds.num_tasks
+        """Returns per-language NLL per token and perplexity plus their unweighted average over languages."""
+        K = self.ds.num_langs
         tally = self._pipelined() if self.runner is not None else self._plain(engine)
         # Pipeline: only the last stage has sums (the other stages' are zero), so the world sum is right.
         tally = tally.all_reduce()
@@ -35,7 +35,7 @@ class Validator:
 
     def _plain(self, engine) -> LossTally:
         """Label-smoothed loss, nll and tokens per language over this rank's batches."""
-        K = self.ds.num_tasks
+        K = self.ds.num_langs
         tally = LossTally(K, device=self.device)
         engine.eval()
         for items in self.batches:

@@ -40,8 +40,8 @@ from megavac.pergrad import PerLanguageStep
 # of them meets the sharded path once.
 PLAN = {
     "pcgrad": ("all_layer", {}),
-    "gradvac": ("all_matrix", {"beta": 0.5, "tasks": "all"}),  # a large β so the EMA targets matter within 3 steps
-    "gradvac_lrl": ("enc_dec", {"beta": 0.5, "tasks": "lrl", "sizes": [10, 1000, 20, 5000],
+    "gradvac": ("all_matrix", {"beta": 0.5, "langs": "all"}),  # a large β so the EMA targets matter within 3 steps
+    "gradvac_lrl": ("enc_dec", {"beta": 0.5, "langs": "lrl", "sizes": [10, 1000, 20, 5000],
                                 "size_threshold": 100}),
     "mgda": ("enc_dec", {}),
     "cats": ("whole_model", {"alpha_lr": 0.5, "warm_interval": 2}),
@@ -130,7 +130,7 @@ class Reference:
         if self.kind == "gradvac":
             self.ema = [[[0.0] * K for _ in range(K)] for _ in range(G)]
             self.beta = opts.get("beta", 1e-2)
-            if opts.get("tasks", "all") == "all":
+            if opts.get("langs", "all") == "all":
                 self.subset = [True] * K
             else:
                 self.subset = [s < opts["size_threshold"] for s in opts["sizes"]]
