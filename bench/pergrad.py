@@ -9,8 +9,10 @@ one batch of about --tokens target tokens split evenly over K languages, and eve
 optimizer step on that same batch, in rotating order (interleaved, so drift in machine load hits all
 methods alike); the first repetition is a warm-up. Methods run through ``PerLanguageStep`` exactly as
 in training: "monolithic" is the plain path (one backward), "mono-gram" forces monolithic weights
-through the K-backward Gram path (the collector's overhead alone), the others need a Gram every step
-(CATS with a meta step every step). Printed: median seconds of monolithic, each method's median as a
+through the Gram path (the collector's overhead alone), the others need a Gram every step (CATS with a
+meta step every step). Without pipelining every Gram method runs twice, side by side: with the
+one-backward collector [1bw] (per-language weight gradients split out of one backward) and with the
+K-backward reference [Kbw] (one backward per language). Printed: median seconds of monolithic, each method's median as a
 ratio to it, the Gram path's phase split, and the extra memory per rank (the K gradient slices).
 
 With --pipeline-stages S the model is megavac's pipeline form (S stages, ZeRO-1) and the collector the
@@ -32,6 +34,7 @@ from megavac.data import Batch
 from megavac.methods import build_method
 from megavac.model import PRESETS, ModelConfig, Transformer
 from megavac.pergrad import KBackwardCollector, PerLanguageStep
+from megavac.pergrad.one_backward import OneBackwardCollector
 
 METHODS = [
     ("monolithic", "monolithic", {}),
@@ -110,17 +113,18 @@ def main():
     ds["train_batch_size"] = world // stages
 
     def build(K):
-        """(engine, collector) for K languages: one engine for data parallelism, one per K when pipelined
-        (the pipeline's loss function is built for K languages)."""
+        """(engine, {tag: collector}) for K languages: one engine for data parallelism, one per K when
+        pipelined (the pipeline's loss function is built for K languages)."""
         if stages == 1:
-            return engine, KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)
+            return engine, {"1bw": OneBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1),
+                            "Kbw": KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)}
         from megavac.model.pipeline import PipelineLoss, make_pipeline_module
         from megavac.pergrad import PipelineCollector
 
         pipe = make_pipeline_module(cfg, stages, PipelineLoss(K, 0, 0.1))
         pipe.load_plain_state_dict(model.state_dict())
         eng, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds)
-        return eng, PipelineCollector(eng, K)
+        return eng, {"pipe": PipelineCollector(eng, K)}
 
     engine = None
     if stages == 1:
@@ -136,11 +140,15 @@ def main():
     # Every stage of a pipeline must see the same batch: seed by the data-parallel rank.
     gen = torch.Generator().manual_seed(1 + rank % (world // stages))  # pipe-major ranks: data index = rank % DP
     for K in args.langs:
-        engine, collector = build(K)
+        engine, collectors = build(K)
         steps = {}
-        for label, name, opts in METHODS:
-            steps[label] = PerLanguageStep(engine, build_method(name, K, **opts), K, pad_id=0, label_smoothing=0.1,
-                                           granularity=args.granularity, collector=collector)
+        for tag, collector in collectors.items():
+            for label, name, opts in METHODS:
+                if label == "monolithic" and "monolithic" in steps:
+                    continue  # the plain path: no collector
+                key = label if label == "monolithic" or len(collectors) == 1 else f"{label} [{tag}]"
+                steps[key] = PerLanguageStep(engine, build_method(name, K, **opts), K, pad_id=0, label_smoothing=0.1,
+                                             granularity=args.granularity, collector=collector)
         times = {label: [] for label in steps}
         phases = {label: {p: [] for p in PHASES} for label in steps}
         for rep in range(args.reps + 1):
@@ -149,7 +157,7 @@ def main():
             order = order[rep % len(order):] + order[:rep % len(order)]
             for label in order:
                 t0 = time.perf_counter()
-                if label == "mono-gram":
+                if label.startswith("mono-gram"):
                     out = steps[label].gram_step([batch], engine.global_steps)
                 else:
                     out = steps[label].run([batch], engine.global_steps)
@@ -168,17 +176,18 @@ def main():
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 med[label] = float(t)
             base = med["monolithic"]
+        collector = next(iter(collectors.values()))
         slices_mb = K * collector.partition.numel * 4 / 2**20
         say(f"\nK = {K} languages per batch: monolithic {base * 1e3:.0f} ms/step; slices {slices_mb:.1f} MiB per rank "
             f"= {K * collector.partition.numel / P:.2f} x fp32 model size")
-        say(f"  {'method':<11} {'x mono':>7}  " + "  ".join(f"{p:>8}" for p in PHASES) + "   (share of the Gram step)")
+        say(f"  {'method':<19} {'x mono':>7}  " + "  ".join(f"{p:>8}" for p in PHASES) + "   (share of the Gram step)")
         for label in steps:
             split = ""
             if phases[label]["collect"]:
                 tot = sum(statistics.median(phases[label][p]) for p in PHASES)
                 split = "  ".join(f"{statistics.median(phases[label][p]) / tot:>8.1%}" for p in PHASES)
-            say(f"  {label:<11} {med[label] / base:>7.2f}  {split}")
-        del collector, steps
+            say(f"  {label:<19} {med[label] / base:>7.2f}  {split}")
+        del collector, collectors, steps
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     say(f"\npeak RSS {rss1 / 1024:.0f} MiB (after engine init {rss0 / 1024:.0f} MiB)")
 

@@ -51,6 +51,9 @@ class MethodConfig:
     (cats 8, the OPUS-100 setting; all languages otherwise)."""
     gram_log_interval: int = 0
     """Save per-group Gram matrices (npz, with the language order) every N steps; 0 disables."""
+    collector: str = "one_backward"
+    """How the per-language gradients are computed: one_backward (split out of one backward per
+    micro-batch) or k_backward (one backward per language: the reference). Pipelines use their own."""
     options: dict = field(default_factory=dict, metadata={"cli": False})
     """The method's own options (its Options dataclass, --<method>-<option> flags), resolved."""
 
@@ -66,6 +69,10 @@ class MethodConfig:
         lpb = self.langs_per_batch if self.langs_per_batch is not None else (cls.default_langs_per_batch or 0)
         if not isinstance(lpb, int) or lpb < 0:
             raise ValueError(f"--langs-per-batch must be an integer >= 0, got {lpb!r}")
+        from megavac.pergrad.collectors import COLLECTORS
+
+        if self.collector not in COLLECTORS:
+            raise ValueError(f"--collector {self.collector!r} is not one of {list(COLLECTORS)}")
         if self.gram_log_interval < 0:
             raise ValueError(f"--gram-log-interval must be >= 0, got {self.gram_log_interval}")
         options = asdict(cls.make_options(**self.options))

@@ -128,6 +128,13 @@ def test_per_language_slices(tmp_path):
     assert p.ok, p.problems
     K, P = p.numbers["langs"], p.numbers["params"]
     assert p.numbers["pergrad_bytes"] == pytest.approx(K * P / 4 * 4)
+    # One backward: the languages' gradients of one parameter (the tied embedding) exist until reduced.
+    from megavac.pergrad.one_backward import BUDGET
+
+    assert 0 < p.numbers["pergrad_transient_bytes"] <= BUDGET * 4
+    ref = _plan(tmp_path, method=MethodConfig(method="gradvac", collector="k_backward"), ds="zero2.json", world_size=4)
+    assert "pergrad_transient_bytes" not in ref.numbers and ref.numbers["pergrad_bytes"] == p.numbers["pergrad_bytes"]
+    assert ref.numbers["total_bytes"] == pytest.approx(p.numbers["total_bytes"] - p.numbers["pergrad_transient_bytes"])
     assert "pergrad_bytes" not in _plan(tmp_path, world_size=4).numbers
     cats = _plan(tmp_path, method=MethodConfig(method="cats", langs_per_batch=3), ds="zero2.json", world_size=4)
     assert cats.numbers["pergrad_bytes"] == pytest.approx(3 * P / 4 * 4)  # only the languages present

@@ -2,6 +2,7 @@
 sharded checkpoint, mpirun discovery, every ZeRO stage, bad input."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -137,7 +138,11 @@ def test_gradvac_two_ranks_resumes_exactly_with_its_ema_state(small_synthetic, t
     full, part = tmp_path / "full", tmp_path / "part"
     extra = ["--method", "gradvac", "--gradvac-langs", "lrl", "--gradvac-size-threshold", "1000", "--granularity",
              "all_layer", "--gram-log-interval", "3", "--save-interval", "3"]
-    run(deepspeed_cmd(2, *args(small_synthetic, full, "--max-steps", 6, *extra)))
+    cmd = deepspeed_cmd(2, *args(small_synthetic, full, "--max-steps", 6, *extra))
+    run(cmd)
+    # DeepSpeed's CPU all-reduce buffers of this job (named by its port) are gone from /dev/shm.
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     run(deepspeed_cmd(2, *args(small_synthetic, part, "--max-steps", 3, *extra)))
     out = run(deepspeed_cmd(2, *args(small_synthetic, part, "--max-steps", 6, "--resume", *extra)))
     assert "resumed from step 3" in out.stdout and "method gradvac" in out.stdout

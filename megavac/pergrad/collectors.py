@@ -187,9 +187,22 @@ class PipelineCollector(GradCollector):
         return LanguageGrads(rows, langs_all, present, loss.tally)
 
 
-def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: float) -> GradCollector:
+COLLECTORS = ("one_backward", "k_backward")
+
+
+def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: float,
+                      kind: str = "one_backward") -> GradCollector:
+    """The collector for ``engine``: under pipeline parallelism the pipeline collector; otherwise
+    ``kind``, one_backward (per-language weight gradients from one backward) or k_backward (the
+    reference: one backward per language)."""
     from megavac.pergrad.ds_adapter import is_pipeline_engine
 
+    if kind not in COLLECTORS:
+        raise ValueError(f"collector must be one of {COLLECTORS}, got {kind!r}")
     if is_pipeline_engine(engine):
         return PipelineCollector(engine, num_langs)
+    if kind == "one_backward":
+        from megavac.pergrad.one_backward import OneBackwardCollector
+
+        return OneBackwardCollector(engine, num_langs, pad_id, label_smoothing)
     return KBackwardCollector(engine, num_langs, pad_id, label_smoothing)

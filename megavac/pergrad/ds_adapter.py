@@ -620,3 +620,24 @@ def detach_tied_weight_broadcast(pipe) -> None:
             new = torch.nn.Parameter(old.detach(), requires_grad=old.requires_grad)
             new.__dict__.update({k: v for k, v in old.__dict__.items() if k.startswith("ds_")})
             setattr(owner, leaf, new)
+
+
+# ------------------------------------------------------------------ process exit
+
+
+def release_shm_buffers(master_addr: str, master_port: str | int, local_rank: int) -> int:
+    """Unlink the shared-memory all-reduce buffers DeepSpeed's CPU communication op creates per job and
+    never removes (0.19.8: ``/dev/shm/deepspeed_allreduce_buffer_<i>_<addr>_<port>_<local rank>``); without
+    this every CPU job leaves them in /dev/shm until the node runs out of memory. Call after the last
+    collective. Returns how many were removed."""
+    import glob
+    import os
+
+    removed = 0
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{master_addr}_{master_port}_{local_rank}"):
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

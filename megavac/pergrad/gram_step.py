@@ -72,7 +72,7 @@ class PerLanguageStep:
     """
 
     def __init__(self, engine, method: GramMethod, num_langs: int, *, pad_id: int, label_smoothing: float,
-                 granularity: str = "all_layer", seed: int = 0, collector: GradCollector | None = None,
+                 granularity: str = "all_layer", seed: int = 0, collector: GradCollector | str | None = None,
                  plain: PlainStep | None = None, gram_log_dir: str | Path | None = None,
                  gram_log_interval: int = 0, lang_names: list[str] | None = None):
         if method.num_langs != num_langs:
@@ -82,7 +82,9 @@ class PerLanguageStep:
         self.engine, self.method, self.K = engine, method, num_langs
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
         self.ga = int(engine.gradient_accumulation_steps())
-        self.collector = collector or default_collector(engine, num_langs, pad_id, label_smoothing)
+        if collector is None or isinstance(collector, str):  # a kind: "one_backward" (default), "k_backward"
+            collector = default_collector(engine, num_langs, pad_id, label_smoothing, collector or "one_backward")
+        self.collector = collector
         self.plain = plain or PlainStep(engine, num_langs, pad_id, label_smoothing,
                                         runner=getattr(self.collector, "runner", None))
         self.partition = self.collector.partition

@@ -399,12 +399,24 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         slice_elems = stage_params if pipeline_stages > 1 else stage_params // dp
         extra = per_batch * slice_elems * 4
         plan.memory.append((f"per-language slices ({per_batch} of {K} languages)", extra, None))
-        cost = ("one forward and backward per sentence (each language's rows are a pipeline micro-batch)"
-                if pipeline_stages > 1 else f"{per_batch} backward passes per micro-batch")
+        if pipeline_stages > 1:
+            cost = "one forward and backward per sentence (each language's rows are a pipeline micro-batch)"
+        elif method.collector == "one_backward":
+            from megavac.pergrad.one_backward import BUDGET
+
+            # The per-language gradients of one parameter exist in full only until they are reduced into
+            # the slices, and at most BUDGET elements at a time (the largest tensor: the tied embedding).
+            transient = min(per_batch * max(embed, largest), BUDGET) * 4
+            plan.memory.append(("per-language gradients of one parameter (transient)", transient, None))
+            plan.numbers["pergrad_transient_bytes"] = transient
+            cost = "one backward per micro-batch (per-language weight gradients split out of it)"
+        else:
+            cost = f"{per_batch} backward passes per micro-batch (the k_backward reference)"
         plan.add("method", method.method, f"{per_batch} fp32 gradient slices of {slice_elems:,} elements per "
                                           f"rank (one per language present, {per_batch} per batch at most, of {K}); "
                                           f"{cost}")
         plan.numbers["pergrad_bytes"] = extra
+        extra += plan.numbers.get("pergrad_transient_bytes", 0.0)
     act = activation_bytes(mcfg, data.max_tokens, precision)
     plan.memory.append(("activations (rough)", act, None))
     plan.memory.append(("total", model_total + extra + act, None))

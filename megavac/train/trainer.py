@@ -122,7 +122,7 @@ class Trainer:
             self.pergrad = PerLanguageStep(
                 self.engine, self.method, self.K, pad_id=meta["pad_id"], label_smoothing=train.label_smoothing,
                 granularity=method.granularity, seed=train.seed, lang_names=self.train_data.names,
-                plain=self.plain_step, gram_log_dir=Path(train.save_dir) / "grams",
+                collector=method.collector, plain=self.plain_step, gram_log_dir=Path(train.save_dir) / "grams",
                 gram_log_interval=method.gram_log_interval)
 
         # Components

@@ -190,6 +190,7 @@ def check_method(name, args, rank, world):
     rank = dp_rank(engine)
     method = build_method(name.split("_")[0], K, **opts)
     step_fn = PerLanguageStep(engine, method, K, pad_id=PAD, label_smoothing=SMOOTHING, granularity=granularity,
+                              collector=args.collector,
                               seed=1234)
     ref = Reference(name, K, granularity, opts, names)
     gram_steps = skipped = 0
@@ -298,10 +299,16 @@ def main():
     ap.add_argument("--pattern", default="mixed", choices=["all", "mixed"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--pipeline-stages", type=int, default=1)
+    ap.add_argument("--collector", default="k_backward", choices=["k_backward", "one_backward"])
+    ap.add_argument("--budget", type=int, default=0, help="one_backward.BUDGET (elements); 0 keeps it")
     ap.add_argument("--port", default="29517")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     rank, world = init_dist(args.port)
+    if args.budget:
+        from megavac.pergrad import one_backward
+
+        one_backward.BUDGET = args.budget
     out = []
     for name in [m for m in args.methods.split(",") if m]:
         out.append(check_method(name, args, rank, world))
