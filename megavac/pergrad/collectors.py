@@ -47,6 +47,23 @@ class GradCollector:
     partition: GradPartition
     num_langs: int
 
+    def __init__(self, engine, num_langs: int, partition: GradPartition | None = None):
+        self.engine = engine
+        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
+        self.num_langs = num_langs
+        self.ga = int(engine.gradient_accumulation_steps())
+        self._buffer: torch.Tensor | None = None
+
+    def _zeroed_rows(self, n: int) -> torch.Tensor:
+        """fp32 [n, numel] zeros for n present languages, reusing one buffer that grows to the most seen."""
+        if self._buffer is None or self._buffer.shape[0] < n:
+            self._buffer = torch.zeros(n, self.partition.numel, dtype=torch.float32, device=self.partition.device)
+        return self._buffer[:n].zero_()
+
+    def _check_batches(self, batches: list) -> None:
+        if len(batches) != self.ga:
+            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+
     def collect(self, batches: list) -> LanguageGrads:
         raise NotImplementedError
 
@@ -79,16 +96,11 @@ class KBackwardCollector(GradCollector):
 
     def __init__(self, engine, num_langs: int, pad_id: int, label_smoothing: float,
                  partition: GradPartition | None = None):
-        self.engine = engine
-        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
-        self.num_langs = num_langs
+        super().__init__(engine, num_langs, partition)
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
-        self.ga = int(engine.gradient_accumulation_steps())
-        self._slices: torch.Tensor | None = None
 
     def collect(self, batches: list) -> LanguageGrads:
-        if len(batches) != self.ga:
-            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        self._check_batches(batches)
         K, part, engine = self.num_langs, self.partition, self.engine
         dev = part.device
         # Which languages each micro-batch has on ANY rank: one small all-reduce for the whole step.
@@ -103,9 +115,7 @@ class KBackwardCollector(GradCollector):
         langs_all = torch.nonzero(present).flatten()
         row = {int(k): r for r, k in enumerate(langs_all.tolist())}
         # One row per PRESENT language (a CATS batch has 8 of 100): the buffer grows to the most seen.
-        if self._slices is None or self._slices.shape[0] < len(row):
-            self._slices = torch.zeros(len(row), part.numel, dtype=torch.float32, device=dev)
-        slices = self._slices[:len(row)].zero_()
+        slices = self._zeroed_rows(len(row))
         tally = LossTally(K, device=dev)
         for m, batch in enumerate(batches):
             langs = torch.nonzero(here[m]).flatten().tolist()
@@ -146,18 +156,13 @@ class PipelineCollector(GradCollector):
     def __init__(self, engine, num_langs: int, partition: GradPartition | None = None):
         from megavac.model.pipeline import PipelineRunner
 
-        self.engine = engine
-        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
-        self.num_langs = num_langs
-        self.ga = int(engine.gradient_accumulation_steps())
+        super().__init__(engine, num_langs, partition)
         self.runner = PipelineRunner(engine)
-        self._rows: torch.Tensor | None = None
 
     def collect(self, batches: list) -> LanguageGrads:
         from megavac.model.pipeline import pipeline_items
 
-        if len(batches) != self.ga:
-            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        self._check_batches(batches)
         K, part = self.num_langs, self.partition
         here = torch.zeros(K, dtype=torch.float32)
         subs, order = [], []
@@ -171,9 +176,7 @@ class PipelineCollector(GradCollector):
         present = here > 0
         langs_all = torch.nonzero(present).flatten()
         row = {int(k): r for r, k in enumerate(langs_all.tolist())}
-        if self._rows is None or self._rows.shape[0] < len(row):
-            self._rows = torch.zeros(len(row), part.numel, dtype=torch.float32, device=part.device)
-        rows = self._rows[:len(row)].zero_()
+        rows = self._zeroed_rows(len(row))
 
         def capture(i):
             part.read(rows[row[order[i]]], accumulate=True)

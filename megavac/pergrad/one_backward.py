@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavac.loss import LossTally, forward_losses
-from megavac.model.groups import model_param_names
 from megavac.pergrad.collectors import GradCollector, LanguageGrads
-from megavac.pergrad.ds_adapter import GradPartition, grad_partition
+from megavac.pergrad.ds_adapter import GradPartition
 
 # Elements of per-language gradients one parameter may hold at once before they are reduced (256 MiB fp32).
 BUDGET = 1 << 26
@@ -188,17 +187,13 @@ class OneBackwardCollector(GradCollector):
 
     def __init__(self, engine, num_langs: int, pad_id: int, label_smoothing: float,
                  partition: GradPartition | None = None):
-        self.engine = engine
-        self.partition = partition or grad_partition(engine, *model_param_names(engine.module))
-        self.num_langs = num_langs
+        super().__init__(engine, num_langs, partition)
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
-        self.ga = int(engine.gradient_accumulation_steps())
         params = [p for _, p in engine.module.named_parameters()]
         self._index = {id(p): k for k, p in enumerate(params)}
         self._segments = defaultdict(list)
         for s in self.partition.segments:
             self._segments[s.param].append(s)
-        self._slices: torch.Tensor | None = None
         group = self.partition.dp_group()
         self._dp = dist.get_world_size(group) if dist.is_initialized() else 1
         self._group = group
@@ -218,8 +213,7 @@ class OneBackwardCollector(GradCollector):
             rows[:, s.start:s.start + s.numel] += grads[:, s.offset:s.offset + s.numel]
 
     def collect(self, batches: list) -> LanguageGrads:
-        if len(batches) != self.ga:
-            raise ValueError(f"got {len(batches)} micro-batches for gradient_accumulation_steps={self.ga}")
+        self._check_batches(batches)
         K, part, engine = self.num_langs, self.partition, self.engine
         dev = part.device
         here = torch.zeros(K, dtype=torch.float32, device=dev)
@@ -231,9 +225,7 @@ class OneBackwardCollector(GradCollector):
         langs_all = torch.nonzero(present).flatten()
         rows = {int(k): r for r, k in enumerate(langs_all.tolist())}
         self.num_rows = len(rows)
-        if self._slices is None or self._slices.shape[0] < len(rows):
-            self._slices = torch.zeros(len(rows), part.numel, dtype=torch.float32, device=dev)
-        self.slices = self._slices[:len(rows)].zero_()
+        self.slices = self._zeroed_rows(len(rows))
         tally = LossTally(K, device=dev)
         taps = _Taps(engine.module, self)
         try:
