@@ -46,6 +46,16 @@ def _segment_rows(segments: dict, rows: dict) -> list[tuple[int, int, int]]:
     return [(rows[k], a, b) for k, (a, b) in sorted(segments.items()) if b > a]
 
 
+def _outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ over the tokens of g ⊗ x: a linear map's weight gradient (fp32 [out, in])."""
+    return g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+
+
+def _token_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the tokens, per feature (fp32): biases, LayerNorm gains."""
+    return t.reshape(-1, t.shape[-1]).float().sum(0)
+
+
 class _Taps:
     """Forward/backward hooks that turn one backward into per-language parameter gradients."""
 
@@ -92,70 +102,46 @@ class _Taps:
         output.register_hook(lambda g: self._projection(w, y, g))
 
     # ------------------------------------------------------------------------------ backward
-    # Each rule below hands ``_emit`` a function grads(r0, r1) -> fp32 [r1 - r0, numel]: the gradients of
-    # the languages in rows r0..r1 of the slices, so that big parameters are computed a chunk at a time.
+    # Each rule below gives ``_emit`` the gradient of one language's rows a..b of the batch; ``_per_language``
+    # turns it into grads(r0, r1) -> fp32 [r1 - r0, numel] for the languages in rows r0..r1 of the slices,
+    # so that big parameters are computed a chunk of languages at a time.
     def _backward(self, m, x, g):
-        segs = self.c.segment_rows
         if isinstance(m, nn.Linear):
-            d_in, d_out = x.shape[-1], g.shape[-1]
-
-            def weight(r0, r1):
-                out = g.new_zeros(r1 - r0, d_out, d_in, dtype=torch.float32)
-                for r, a, b in segs:
-                    if r0 <= r < r1:
-                        out[r - r0] = g[a:b].reshape(-1, d_out).float().T @ x[a:b].reshape(-1, d_in).float()
-                return out.view(r1 - r0, -1)
-
-            self._emit(m.weight, weight)
+            self._emit(m.weight, self._per_language(m.weight, lambda a, b: _outer(g[a:b], x[a:b])))
             if m.bias is not None:
-                self._emit(m.bias, self._sums(g, d_out))
+                self._emit(m.bias, self._per_language(m.bias, lambda a, b: _token_sum(g[a:b])))
         elif isinstance(m, nn.LayerNorm):
-            n = x.shape[-1]
             xhat = F.layer_norm(x.float(), m.normalized_shape, eps=m.eps)
             if m.weight is not None:
-                self._emit(m.weight, self._sums(g * xhat, n))
+                self._emit(m.weight, self._per_language(m.weight, lambda a, b: _token_sum(g[a:b] * xhat[a:b])))
             if m.bias is not None:
-                self._emit(m.bias, self._sums(g, n))
+                self._emit(m.bias, self._per_language(m.bias, lambda a, b: _token_sum(g[a:b])))
         else:  # nn.Embedding: row-wise scatter of δ at the token ids (none for the padding row)
             V, d = m.num_embeddings, m.embedding_dim
 
-            def weight(r0, r1):
-                out = g.new_zeros(r1 - r0, V, d, dtype=torch.float32)
-                for r, a, b in segs:
-                    if r0 <= r < r1:
-                        ids, gs = x[a:b].reshape(-1), g[a:b].reshape(-1, d).float()
-                        if m.padding_idx is not None:
-                            keep = ids != m.padding_idx
-                            ids, gs = ids[keep], gs[keep]
-                        out[r - r0].index_add_(0, ids, gs)
-                return out.view(r1 - r0, -1)
+            def rows(a, b):
+                ids, gs = x[a:b].reshape(-1), g[a:b].reshape(-1, d).float()
+                if m.padding_idx is not None:
+                    keep = ids != m.padding_idx
+                    ids, gs = ids[keep], gs[keep]
+                return gs.new_zeros(V, d).index_add_(0, ids, gs)
 
-            self._emit(m.weight, weight)
-
-    def _sums(self, t, n):
-        """grads(r0, r1) of a per-feature sum over each language's tokens (biases, LayerNorm)."""
-        segs = self.c.segment_rows
-
-        def grads(r0, r1):
-            out = t.new_zeros(r1 - r0, n, dtype=torch.float32)
-            for r, a, b in segs:
-                if r0 <= r < r1:
-                    out[r - r0] = t[a:b].reshape(-1, n).float().sum(0)
-            return out
-        return grads
+            self._emit(m.weight, self._per_language(m.weight, rows))
 
     def _projection(self, w, y, g):
-        V, d = g.shape[-1], y.shape[-1]
-        segs = self.c.segment_rows
+        self._emit(w, self._per_language(w, lambda a, b: _outer(g[a:b], y[a:b])))
 
-        def weight(r0, r1):
-            out = g.new_zeros(r1 - r0, V, d, dtype=torch.float32)
+    def _per_language(self, p, one):
+        """grads(r0, r1) from ``one(a, b)``, the gradient of ``p`` from batch rows a..b (one language)."""
+        segs, numel = self.c.segment_rows, self.c.numel_of(p)
+
+        def grads(r0, r1):
+            out = torch.zeros(r1 - r0, numel, dtype=torch.float32, device=self.c.partition.device)
             for r, a, b in segs:
                 if r0 <= r < r1:
-                    out[r - r0] = g[a:b].reshape(-1, V).float().T @ y[a:b].reshape(-1, d).float()
-            return out.view(r1 - r0, -1)
-
-        self._emit(w, weight)
+                    out[r - r0] = one(a, b).reshape(-1)
+            return out
+        return grads
 
     def _emit(self, p, grads):
         """One contribution of this micro-batch to parameter ``p``'s per-language gradients. While the
