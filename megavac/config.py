@@ -31,6 +31,11 @@ class DataConfig:
     """Padded tokens per micro-batch per rank (max(source, target) length × rows)."""
     pool_batches: int = 64
     """Micro-batches per rank drawn, length-sorted and shuffled together (less padding when larger)."""
+    lang_affine: bool = False
+    """Language-affine dealing: pack each drawn pool language by language, so nearly every micro-batch
+    (and so every data-parallel rank's share of a step) holds one language; the languages are drawn with
+    the same probabilities. A language's gradient then lives on few ranks, and the one-backward
+    collector's all-to-all moves about one plain reduce-scatter per language a rank holds."""
 
 
 def _method_defaults(attr: str) -> str:

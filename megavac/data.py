@@ -118,10 +118,10 @@ def sampling_probs(sizes, temperature: float = 5.0, weights=None) -> np.ndarray:
     return p / p.sum()
 
 
-def pack_by_length(items: list, lens: np.ndarray, max_tokens: int) -> list[list]:
-    """Sort items by length and cut them into batches of at most ``max_tokens`` padded tokens."""
+def pack_by_length(items: list, lens: np.ndarray, max_tokens: int, key: np.ndarray | None = None) -> list[list]:
+    """Sort items by length (or by ``key``) and cut them into batches of at most ``max_tokens`` padded tokens."""
     batches, cur, cur_max = [], [], 0
-    for j in np.argsort(lens, kind="stable"):
+    for j in np.argsort(lens if key is None else key, kind="stable"):
         n = int(lens[j])
         if cur and max(cur_max, n) * (len(cur) + 1) > max_tokens:
             batches.append(cur)
@@ -129,6 +129,29 @@ def pack_by_length(items: list, lens: np.ndarray, max_tokens: int) -> list[list]
         cur.append(items[j])
         cur_max = max(cur_max, n)
     return batches + [cur] if cur else batches
+
+
+def pack_by_language(items: list[tuple[int, int]], lens: np.ndarray, max_tokens: int) -> list[list]:
+    """Pack (language, index) items into batches that each hold one language, bar a few mixed ones.
+
+    Each language is packed alone with ``pack_by_length``. Its last batch (its longest items) is kept
+    only if it fills at least half the budget (padded tokens * 2 >= ``max_tokens``); the short ones of all
+    languages are packed together, ordered by (language, length), so each mixed batch spans a run of
+    consecutive languages and the fewest the budget allows, without a language being left a stub batch.
+    """
+    lens = np.asarray(lens, dtype=np.int64)
+    langs = np.array([k for k, _ in items], dtype=np.int64)
+    batches, rest = [], []
+    for k in np.unique(langs):
+        sel = np.flatnonzero(langs == k)
+        own = pack_by_length(list(sel), lens[sel], max_tokens)  # positions into items
+        if 2 * int(lens[own[-1]].max()) * len(own[-1]) < max_tokens:
+            rest += own.pop()
+        batches += own
+    if rest:
+        rest = np.asarray(rest)
+        batches += pack_by_length(list(rest), lens[rest], max_tokens, key=langs[rest] * (lens.max() + 1) + lens[rest])
+    return [[items[j] for j in b] for b in batches]
 
 
 class TemperatureSampler:
@@ -140,16 +163,22 @@ class TemperatureSampler:
     round-robin (rank r takes batches r, r+W, ...). Length-sorting inside a pool keeps padding low
     without changing the sampling distribution.
 
+    ``lang_affine=True`` draws the pool the same way (same RNG calls, so the same languages) but packs each
+    language on its own (``pack_by_language``): nearly every micro-batch then holds one language, so a
+    language's gradient lives on the ranks that hold it; only each language's short last batch is pooled into
+    a few mixed batches. It changes the stream, so a resumed run must use the same setting.
+
     The state is small: the RNG state and per-language cursors at the start of the current pool plus the
     position in it. Resuming regenerates that pool and skips to the position, so the data order is
     exactly that of an uninterrupted run.
     """
 
     def __init__(self, lengths: list[np.ndarray], probs: np.ndarray, max_tokens: int, seed: int,
-                 rank: int = 0, world: int = 1, pool_batches: int = 64, langs_per_batch: int = 0):
+                 rank: int = 0, world: int = 1, pool_batches: int = 64, langs_per_batch: int = 0,
+                 lang_affine: bool = False):
         self.lengths, self.probs = lengths, np.asarray(probs, dtype=np.float64)
         self.max_tokens, self.seed, self.rank, self.world = max_tokens, seed, rank, world
-        self.pool_batches = pool_batches
+        self.pool_batches, self.lang_affine = pool_batches, bool(lang_affine)
         # CATS trains each batch on a few languages: draw that many (without replacement, by p) per pool.
         self.langs_per_batch = langs_per_batch
         if langs_per_batch and not 0 < langs_per_batch <= int((self.probs > 0).sum()):
@@ -201,7 +230,8 @@ class TemperatureSampler:
                 total += n
                 if total >= budget:
                     break
-        batches = pack_by_length(items, np.asarray(lens), self.max_tokens)
+        pack = pack_by_language if self.lang_affine else pack_by_length
+        batches = pack(items, np.asarray(lens), self.max_tokens)
         perm = self.rng.permutation(len(batches))
         batches = [batches[p] for p in perm]
         # Whole rounds only, so every rank gets the same number of micro-batches per pool.
@@ -225,7 +255,8 @@ class TemperatureSampler:
 
     def state_dict(self) -> dict:
         start = self._pool_start
-        return {"seed": self.seed, "world": self.world, "pos": self._pos, "counts": self.counts.tolist(),
+        return {"seed": self.seed, "world": self.world, "lang_affine": self.lang_affine, "pos": self._pos,
+                "counts": self.counts.tolist(),
                 "pool_start": None if start is None else
                 {"rng": start["rng"], "epoch": start["epoch"].tolist(), "cursor": start["cursor"].tolist()}}
 
@@ -234,6 +265,10 @@ class TemperatureSampler:
             raise ValueError(
                 f"sampler state was saved with seed={state['seed']} world={state['world']}, "
                 f"this run has seed={self.seed} world={self.world}; exact resume needs both equal")
+        saved = bool(state.get("lang_affine", False))  # states saved before the option existed: off
+        if saved != self.lang_affine:
+            raise ValueError(f"sampler state was saved with lang_affine={saved}, this run has "
+                             f"lang_affine={self.lang_affine}; exact resume needs the same batching")
         self.counts = np.asarray(state["counts"], dtype=np.int64)
         start = state["pool_start"]
         if start is None:

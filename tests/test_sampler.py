@@ -98,3 +98,61 @@ def test_dataset_selects_tasks_in_the_given_order_and_names_unknown_ones(small_s
         MultilingualDataset(small_synthetic, "dev", [names[0], "en-zz"])
     with pytest.raises(ValueError, match="selected more than once"):
         MultilingualDataset(small_synthetic, "dev", [names[0], names[0]])
+
+
+def test_lang_affine_batches_hold_one_language_within_budget():
+    L = lengths()
+    s = TemperatureSampler(L, sampling_probs(SIZES, 5.0), max_tokens=400, seed=3, lang_affine=True)
+    batches = [next(s) for _ in range(300)]
+    single = sum(len({k for k, _ in b}) == 1 for b in batches)
+    assert single >= 0.9 * len(batches)  # mixed pools (the default) hold one language in ~1% at T=5
+    assert all(max(L[k][i] for k, i in b) * len(b) <= 400 for b in batches)
+
+
+def test_lang_affine_realised_ratios_match_probs():
+    p = sampling_probs(SIZES, 5.0)
+    s = TemperatureSampler(lengths(), p, max_tokens=400, seed=3, lang_affine=True)
+    base = TemperatureSampler(lengths(), p, max_tokens=400, seed=3)
+    next(s), next(base)  # same draws, only packed differently: the first pools hold the same items
+    assert sorted(x for b in s._pool for x in b) == sorted(x for b in base._pool for x in b)
+    for _ in range(3000):
+        next(s)
+    np.testing.assert_allclose(s.realised_ratios(), p, atol=0.01)
+
+
+def test_lang_affine_deterministic_and_disjoint_across_ranks():
+    p = sampling_probs(SIZES, 1.0)
+    runs = [[next(s) for _ in range(50)] for s in
+            (TemperatureSampler(lengths(), p, 300, seed=5, rank=r, world=2, lang_affine=True) for r in (0, 1, 0))]
+    assert runs[0] == runs[2]
+    seen0 = {x for b in runs[0] for x in b if x[0] == 0}
+    seen1 = {x for b in runs[1] for x in b if x[0] == 0}
+    assert seen0 and seen1 and not seen0 & seen1
+
+
+def test_lang_affine_resume_mid_pool_and_mismatch():
+    p = sampling_probs(SIZES, 5.0)
+    a = TemperatureSampler(lengths(), p, 300, seed=9, rank=1, world=2, pool_batches=8, lang_affine=True)
+    [next(a) for _ in range(13)]  # mid-pool
+    state = a.state_dict()
+    assert state["lang_affine"] is True
+    rest = [next(a) for _ in range(30)]
+    b = TemperatureSampler(lengths(), p, 300, seed=9, rank=1, world=2, pool_batches=8, lang_affine=True)
+    b.load_state_dict(state)
+    assert [next(b) for _ in range(30)] == rest
+    with pytest.raises(ValueError, match="lang_affine=True.*lang_affine=False"):
+        TemperatureSampler(lengths(), p, 300, seed=9, rank=1, world=2, pool_batches=8).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "lang_affine"}  # saved before the option: counts as False
+    with pytest.raises(ValueError, match="lang_affine=False.*lang_affine=True"):
+        b.load_state_dict(old)
+    TemperatureSampler(lengths(), p, 300, seed=9, rank=1, world=2, pool_batches=8).load_state_dict(old)
+
+
+def test_lang_affine_off_is_the_default_stream():
+    p = sampling_probs(SIZES, 5.0)
+    a = TemperatureSampler(lengths(), p, 300, seed=4, world=2, pool_batches=8)
+    b = TemperatureSampler(lengths(), p, 300, seed=4, world=2, pool_batches=8, lang_affine=False)
+    c = TemperatureSampler(lengths(), p, 300, seed=4, world=2, pool_batches=8, lang_affine=True)
+    streams = [[next(s) for _ in range(40)] for s in (a, b, c)]
+    assert streams[0] == streams[1] and streams[0] != streams[2]
+    assert a.rng.bit_generator.state == b.rng.bit_generator.state

@@ -130,7 +130,8 @@ class Trainer:
         self.probs = sampling_probs(self.train_data.sizes, data.temperature,
                                     parse_lang_weights(data.lang_weights, self.train_data.names))
         self.sampler = TemperatureSampler(lengths, self.probs, data.max_tokens, train.seed, self.dp_rank,
-                                          self.dp_world, data.pool_batches, method.langs_per_batch)
+                                          self.dp_world, data.pool_batches, method.langs_per_batch,
+                                          lang_affine=data.lang_affine)
         self.validator = Validator(self.dev_data, train.valid_max_tokens, self.model_cfg.max_positions,
                                    self.dp_rank, self.dp_world, self.device, train.label_smoothing, self.runner)
         self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
