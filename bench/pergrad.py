@@ -48,11 +48,11 @@ METHODS = [
 PHASES = ("collect", "gram", "weights", "combine", "step")
 
 
-def make_batch(K: int, tokens: int, vocab: int, gen: torch.Generator) -> Batch:
-    """About ``tokens`` target tokens over K languages, rows grouped by language, lengths 12..32."""
+def make_batch(langs: list[int], tokens: int, vocab: int, gen: torch.Generator) -> Batch:
+    """About ``tokens`` target tokens over the languages ``langs``, rows grouped by language, lengths 12..32."""
     rows = []
-    per_lang = max(1, tokens // (K * 22))
-    for k in range(K):
+    per_lang = max(1, tokens // (len(langs) * 22))
+    for k in langs:
         for _ in range(per_lang):
             s, t = (int(x) for x in torch.randint(12, 33, (2,), generator=gen))
             src = torch.randint(4, vocab, (s,), generator=gen)
@@ -66,7 +66,7 @@ def make_batch(K: int, tokens: int, vocab: int, gen: torch.Generator) -> Batch:
         tgt_in[i, :len(t) - 1] = t[:-1]
         tgt_out[i, :len(t) - 1] = t[1:]
     lang = torch.tensor([r[0] for r in rows])
-    segments = {k: (k * per_lang, (k + 1) * per_lang) for k in range(K)}
+    segments = {k: (i * per_lang, (i + 1) * per_lang) for i, k in enumerate(langs)}
     return Batch(src, tgt_in, tgt_out, lang, segments, int((tgt_out != 0).sum()))
 
 
@@ -79,7 +79,14 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
     ap.add_argument("--granularity", default="all_layer")
+    ap.add_argument("--lang-affine", action="store_true",
+                    help="language-affine dealing: rank r's batch holds only languages r, r+N, ... of the K (same "
+                         "tokens per rank); without it every rank's batch holds all K")
     ap.add_argument("--pipeline-stages", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS[1:]],
+                    help="methods to time besides monolithic (default: all)")
+    ap.add_argument("--collectors", nargs="+", default=["1bw", "Kbw"], choices=["1bw", "Kbw"],
+                    help="collectors to time without pipelining (default: both)")
     # One thread by default: on a shared machine more threads than free cores make every step wait on
     # its slowest thread and timings swing 20x between repetitions.
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (0: torch's default)")
@@ -116,8 +123,8 @@ def main():
         """(engine, {tag: collector}) for K languages: one engine for data parallelism, one per K when
         pipelined (the pipeline's loss function is built for K languages)."""
         if stages == 1:
-            return engine, {"1bw": OneBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1),
-                            "Kbw": KBackwardCollector(engine, K, pad_id=0, label_smoothing=0.1)}
+            kinds = {"1bw": OneBackwardCollector, "Kbw": KBackwardCollector}
+            return engine, {tag: kinds[tag](engine, K, pad_id=0, label_smoothing=0.1) for tag in args.collectors}
         from megavac.model.pipeline import PipelineLoss, make_pipeline_module
         from megavac.pergrad import PipelineCollector
 
@@ -144,18 +151,23 @@ def main():
         steps = {}
         for tag, collector in collectors.items():
             for label, name, opts in METHODS:
-                if label == "monolithic" and "monolithic" in steps:
+                if label == "monolithic" and "monolithic" in steps or label not in ["monolithic", *args.methods]:
                     continue  # the plain path: no collector
                 key = label if label == "monolithic" or len(collectors) == 1 else f"{label} [{tag}]"
                 steps[key] = PerLanguageStep(engine, build_method(name, K, **opts), K, pad_id=0, label_smoothing=0.1,
                                              granularity=args.granularity, collector=collector)
         times = {label: [] for label in steps}
         phases = {label: {p: [] for p in PHASES} for label in steps}
+        sent = {label: [] for label in steps}
+        dp, dp_rank = world // stages, rank % (world // stages)
+        langs = [k for k in range(K) if k % dp == dp_rank] if args.lang_affine else list(range(K))
         for rep in range(args.reps + 1):
-            batch = make_batch(K, args.tokens, args.vocab, gen)
+            batch = make_batch(langs, args.tokens, args.vocab, gen)
             order = list(steps)
             order = order[rep % len(order):] + order[:rep % len(order)]
             for label in order:
+                coll = steps[label].collector if label != "monolithic" else None
+                b0 = getattr(coll, "bytes_sent", 0)
                 t0 = time.perf_counter()
                 if label.startswith("mono-gram"):
                     out = steps[label].gram_step([batch], engine.global_steps)
@@ -164,6 +176,7 @@ def main():
                 dt = time.perf_counter() - t0
                 if rep:
                     times[label].append(dt)
+                    sent[label].append(getattr(coll, "bytes_sent", 0) - b0)
                     for p, v in out.extra.get("seconds", {}).items():
                         phases[label][p].append(v)
         med = {label: statistics.median(v) for label, v in times.items()}
@@ -178,15 +191,32 @@ def main():
             base = med["monolithic"]
         collector = next(iter(collectors.values()))
         slices_mb = K * collector.partition.numel * 4 / 2**20
-        say(f"\nK = {K} languages per batch: monolithic {base * 1e3:.0f} ms/step; slices {slices_mb:.1f} MiB per rank "
-            f"= {K * collector.partition.numel / P:.2f} x fp32 model size")
-        say(f"  {'method':<19} {'x mono':>7}  " + "  ".join(f"{p:>8}" for p in PHASES) + "   (share of the Gram step)")
+        # The 1bw transient: one parameter's per-language gradients (chunked at BUDGET elements), plus
+        # the all-to-all's send and receive copies of them.
+        from megavac.pergrad import one_backward
+
+        biggest = max(p.numel() for p in model.parameters())
+        transient_mb = 3 * min(K * biggest, max(one_backward.BUDGET, biggest)) * 4 / 2**20
+        # Communication per rank per step, in units of one plain reduce-scatter of the gradient
+        # (P (N-1)/N fp32 elements; DeepSpeed's ZeRO reduction moves about that). Each backward that
+        # DeepSpeed reduces costs one unit (K-backward: K of them); 1bw adds its measured all-to-all.
+        plain_mb = P * (dp - 1) / dp * 4 / 2**20
+        say(f"\nK = {K} languages per batch{' (language-affine: ' + str(len(langs)) + ' per rank)' if args.lang_affine else ''}"
+            f": monolithic {base * 1e3:.0f} ms/step; extra memory per rank: slices {slices_mb:.1f} MiB "
+            f"(= {K * collector.partition.numel / P:.2f} x fp32 model size)"
+            + (f" + 1bw transient <= {transient_mb:.0f} MiB" if "1bw" in collectors else "")
+            + f"; plain reduce-scatter {plain_mb:.1f} MiB per rank per step")
+        say(f"  {'method':<19} {'x mono':>7}  {'comm MiB':>9}  {'x plain':>7}  " + "  ".join(f"{p:>8}" for p in PHASES)
+            + "   (share of the Gram step)")
         for label in steps:
             split = ""
             if phases[label]["collect"]:
                 tot = sum(statistics.median(phases[label][p]) for p in PHASES)
                 split = "  ".join(f"{statistics.median(phases[label][p]) / tot:>8.1%}" for p in PHASES)
-            say(f"  {label:<19} {med[label] / base:>7.2f}  {split}")
+            reductions = K if "Kbw" in label and stages == 1 else 1  # K-backward: one per language present
+            comm = reductions * plain_mb + statistics.median(sent[label]) / 2**20
+            ratio = f"{comm / plain_mb:>7.2f}" if plain_mb else f"{'-':>7}"
+            say(f"  {label:<19} {med[label] / base:>7.2f}  {comm:>9.1f}  {ratio}  {split}")
         del collector, collectors, steps
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     say(f"\npeak RSS {rss1 / 1024:.0f} MiB (after engine init {rss0 / 1024:.0f} MiB)")

@@ -193,8 +193,11 @@ class Transformer(nn.Module):
         y, mask = self.embed_tokens(tgt_in), self.key_mask(src)
         for layer in self.decoder:
             y = layer(y, memory, mask)
-        y = self.dec_norm(y[:, -1:] if last_only else y)
-        return F.linear(y, self.embed.weight)  # tied output projection
+        return self.project(self.dec_norm(y[:, -1:] if last_only else y))
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """Tied output projection: logits = y Eᵀ with the token embedding E."""
+        return F.linear(y, self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.decode(tgt_in, self.encode(src), src)

@@ -12,10 +12,15 @@ gradient, for the FLOPs of one weight-gradient product:
 * the tied output projection ``F.linear(y, embed.weight)`` of ``megavac.model.Transformer``: δ_logits,kᵀ y_k,
   added to the embedding's gradient.
 
-The taps are forward hooks that save each layer's input and a tensor hook on its output that receives
-δ during the backward; they exist only inside ``OneBackwardCollector.collect`` (monolithic training and
-a method's plain steps never see them). DeepSpeed's own backward runs as usual (it reduces the plain
-gradient into its partition, which the Gram step overwrites with the combination).
+The taps exist only inside ``OneBackwardCollector.collect`` (monolithic training and a method's plain
+steps never see them). Linear layers and the tied projection run a custom autograd function there
+(``_TappedLinear``): its backward computes δ's input gradient as usual and the per-language weight
+gradients as ONE grouped GEMM (``torch.nn.functional.grouped_mm``, the token dimension split at the
+language boundaries), and gives autograd zeros in place of the plain weight gradient, which the Gram
+step would overwrite anyway: the step does the weight-gradient FLOPs once, not twice. LayerNorm and
+Embedding gradients are cheap (no GEMM): forward hooks save their input and a tensor hook on their
+output receives δ; their plain gradients are computed too. DeepSpeed's backward runs as usual (it
+reduces what autograd gives it into its partition, which the Gram step overwrites with the combination).
 
 Reduction without K full gradients: as soon as a parameter's last contribution of the micro-batch has
 arrived, its [P, numel] per-language gradients (P = languages present in the step on any rank) are
@@ -46,71 +51,118 @@ def _segment_rows(segments: dict, rows: dict) -> list[tuple[int, int, int]]:
     return [(rows[k], a, b) for k, (a, b) in sorted(segments.items()) if b > a]
 
 
-def _outer(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ over the tokens of g ⊗ x: a linear map's weight gradient (fp32 [out, in])."""
-    return g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-
-
 def _token_sum(t: torch.Tensor) -> torch.Tensor:
     """Σ over the tokens, per feature (fp32): biases, LayerNorm gains."""
     return t.reshape(-1, t.shape[-1]).float().sum(0)
 
 
+def _grouped_outer(g: torch.Tensor, x: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """fp32 [n, out, in]: Σ over the tokens of batch rows a..b of g ⊗ x, for each (a, b) of ``bounds``
+    (adjacent row ranges in increasing order): the per-language weight gradients of a linear map, as ONE
+    grouped GEMM whose groups split the token (reduction) dimension."""
+    a0, L = bounds[0][0], g.shape[1] if g.dim() == 3 else 1
+    gt = g[a0:bounds[-1][1]].reshape(-1, g.shape[-1]).float()
+    xt = x[a0:bounds[-1][1]].reshape(-1, x.shape[-1]).float()
+    ends = [(b - a0) * L for _, b in bounds]
+    if _GROUPED_MM is not None:
+        return _GROUPED_MM(gt.T, xt, offs=torch.tensor(ends, dtype=torch.int32, device=gt.device))
+    out = gt.new_empty(len(ends), gt.shape[1], xt.shape[1])
+    for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends)):
+        torch.mm(gt[s:e].T, xt[s:e], out=out[i])
+    return out
+
+
+# torch >= 2.8 has a grouped GEMM (offsets split the shared dimension); elsewhere a loop of mm.
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+
+
+class _TappedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b whose backward computes the input gradient as usual, hands the per-language weight
+    (and bias) gradients to the taps, and gives autograd zeros for W and b: the plain weight gradient
+    would only be reduced by DeepSpeed and then overwritten by the combined gradient, so its GEMM (a
+    third of a backward's FLOPs) is not done twice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, taps, owner):
+        ctx.save_for_backward(x, weight)
+        ctx.taps, ctx.owner, ctx.has_bias = taps, owner, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        ctx.taps.linear(ctx.owner, weight, x, g)
+        return gx, torch.zeros_like(weight), (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                                              if ctx.has_bias else None), None, None
+
+
 class _Taps:
-    """Forward/backward hooks that turn one backward into per-language parameter gradients."""
+    """Per-language parameter gradients out of one backward: tapped forwards for the GEMM layers (Linear,
+    the tied output projection), forward/tensor hooks for the cheap ones (LayerNorm, Embedding), whose
+    plain gradients autograd still computes."""
 
     def __init__(self, module: nn.Module, collector: "OneBackwardCollector"):
         self.c = collector
-        self.handles = []
+        self.handles, self.patched = [], []
         self.uses = defaultdict(int)  # parameter -> forward uses still to come back in the backward
         self.acc: dict[nn.Parameter, torch.Tensor] = {}  # summed contributions awaiting the last one
         for m in module.modules():
-            if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+            if isinstance(m, nn.Linear):
+                self._patch(m, "forward", lambda x, m=m: self._linear_forward(m, x))
+            elif isinstance(m, (nn.LayerNorm, nn.Embedding)):
                 self.handles.append(m.register_forward_hook(self._forward))
-        # The tied output projection logits = F.linear(dec_norm(y), embed.weight) is no module: its input is
-        # dec_norm's output and its δ the gradient of the model's output.
-        self.root = module
-        self.handles.append(module.dec_norm.register_forward_hook(self._keep_projection_input))
-        self.handles.append(module.register_forward_hook(self._output))
-        self.proj_input = None
+        # The tied output projection logits = y Eᵀ (Transformer.project) is no module of its own.
+        self._patch(module, "project", lambda y, m=module: self._projection_forward(m.embed.weight, y))
+
+    def _patch(self, obj, name, fn):
+        setattr(obj, name, fn)  # an instance attribute shadows the class's method until ``close``
+        self.patched.append((obj, name))
 
     def close(self):
         for h in self.handles:
             h.remove()
+        for obj, name in self.patched:
+            delattr(obj, name)
 
     # ------------------------------------------------------------------------------- forward
-    def _params(self, m):
-        return [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None]
+    def _linear_forward(self, m, x):
+        if not torch.is_grad_enabled():
+            return F.linear(x, m.weight, m.bias)
+        for p in (m.weight, m.bias):
+            if p is not None:
+                self.uses[p] += 1
+        return _TappedLinear.apply(x, m.weight, m.bias, self, m)
+
+    def _projection_forward(self, w, y):
+        if not torch.is_grad_enabled():
+            return F.linear(y, w)
+        self.uses[w] += 1
+        return _TappedLinear.apply(y, w, None, self, None)
 
     def _forward(self, m, inputs, output):
         if not torch.is_grad_enabled():
             return
         x = inputs[0].detach()
-        for p in self._params(m):
-            self.uses[p] += 1
+        for p in (m.weight, getattr(m, "bias", None)):
+            if p is not None:
+                self.uses[p] += 1
         output.register_hook(lambda g, m=m, x=x: self._backward(m, x, g))
 
-    def _keep_projection_input(self, m, inputs, output):
-        self.proj_input = output.detach()
-
-    def _output(self, m, inputs, output):
-        if not torch.is_grad_enabled():
-            return
-        w = m.embed.weight
-        self.uses[w] += 1
-        y = self.proj_input
-        output.register_hook(lambda g: self._projection(w, y, g))
-
     # ------------------------------------------------------------------------------ backward
-    # Each rule below gives ``_emit`` the gradient of one language's rows a..b of the batch; ``_per_language``
-    # turns it into grads(r0, r1) -> fp32 [r1 - r0, numel] for the languages in rows r0..r1 of the slices,
-    # so that big parameters are computed a chunk of languages at a time.
+    # Each rule gives ``_emit`` grads(r0, r1) -> fp32 [r1 - r0, numel]: the parameter's gradients for the
+    # languages in rows r0..r1 of the slices (zero for those absent from this micro-batch), so that big
+    # parameters are computed a chunk of languages at a time.
+    def linear(self, m, weight, x, g):
+        """Called by ``_TappedLinear.backward``: ``m`` the Linear (None: the tied projection, whose
+        weight is the embedding's)."""
+        w = weight if m is None else m.weight
+        self._emit(w, self._grouped(w, lambda bounds: _grouped_outer(g, x, bounds)))
+        if m is not None and m.bias is not None:
+            self._emit(m.bias, self._per_language(m.bias, lambda a, b: _token_sum(g[a:b])))
+
     def _backward(self, m, x, g):
-        if isinstance(m, nn.Linear):
-            self._emit(m.weight, self._per_language(m.weight, lambda a, b: _outer(g[a:b], x[a:b])))
-            if m.bias is not None:
-                self._emit(m.bias, self._per_language(m.bias, lambda a, b: _token_sum(g[a:b])))
-        elif isinstance(m, nn.LayerNorm):
+        if isinstance(m, nn.LayerNorm):
             xhat = F.layer_norm(x.float(), m.normalized_shape, eps=m.eps)
             if m.weight is not None:
                 self._emit(m.weight, self._per_language(m.weight, lambda a, b: _token_sum(g[a:b] * xhat[a:b])))
@@ -128,9 +180,6 @@ class _Taps:
 
             self._emit(m.weight, self._per_language(m.weight, rows))
 
-    def _projection(self, w, y, g):
-        self._emit(w, self._per_language(w, lambda a, b: _outer(g[a:b], y[a:b])))
-
     def _per_language(self, p, one):
         """grads(r0, r1) from ``one(a, b)``, the gradient of ``p`` from batch rows a..b (one language)."""
         segs, numel = self.c.segment_rows, self.c.numel_of(p)
@@ -140,6 +189,21 @@ class _Taps:
             for r, a, b in segs:
                 if r0 <= r < r1:
                     out[r - r0] = one(a, b).reshape(-1)
+            return out
+        return grads
+
+    def _grouped(self, p, many):
+        """grads(r0, r1) from ``many(bounds)``, the gradients [n, ...] of ``p`` from each (a, b) of
+        ``bounds`` (adjacent batch-row ranges of consecutive languages) in one call."""
+        segs, numel = self.c.segment_rows, self.c.numel_of(p)
+
+        def grads(r0, r1):
+            mine = [(r, a, b) for r, a, b in segs if r0 <= r < r1]
+            if len(mine) == r1 - r0:  # every language of the chunk is in this micro-batch: no zero rows
+                return many([(a, b) for _, a, b in mine]).reshape(r1 - r0, numel)
+            out = torch.zeros(r1 - r0, numel, dtype=torch.float32, device=self.c.partition.device)
+            if mine:
+                out[[r - r0 for r, _, _ in mine]] = many([(a, b) for _, a, b in mine]).reshape(len(mine), numel)
             return out
         return grads
 
@@ -181,33 +245,84 @@ class OneBackwardCollector(GradCollector):
         for s in self.partition.segments:
             self._segments[s.param].append(s)
         group = self.partition.dp_group()
-        self._dp = dist.get_world_size(group) if dist.is_initialized() else 1
         self._group = group
+        self._dp = dist.get_world_size(group) if dist.is_initialized() else 1
+        self._me = dist.get_rank(group) if dist.is_initialized() else 0
+        # Every rank's fragments of every parameter (offset inside the parameter, numel), in each rank's
+        # segment order: where the all-to-all sends which columns. Exchanged once.
+        mine = [(s.param, s.offset, s.numel) for s in self.partition.segments]
+        every = [mine]
+        if self._dp > 1:
+            every = [None] * self._dp
+            dist.all_gather_object(every, mine, group=group)
+        self._frags = defaultdict(lambda: [[] for _ in range(self._dp)])
+        for r, frags in enumerate(every):
+            for p, off, n in frags:
+                self._frags[p][r].append((off, n))
+        self.bytes_sent = 0
+        """Bytes this rank has sent to other ranks in the per-language reduction (for benchmarks)."""
 
     # Called by _Taps during the backward.
     def numel_of(self, p) -> int:
         return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are partitioned: ds_numel is the full size
 
     def reduce_into_slices(self, p, grads: torch.Tensor, row0: int) -> None:
-        """grads [n, numel]: this rank's gradients of ``p`` for the languages of slice rows row0..row0+n ->
-        this rank's fragments of their data-parallel average, added into those rows of the slices."""
-        if self._dp > 1:
-            dist.all_reduce(grads, group=self._group)
-            grads /= self._dp
-        rows = self.slices[row0:row0 + grads.shape[0]]
-        for s in self._segments.get(self._index[id(p)], ()):
-            rows[:, s.start:s.start + s.numel] += grads[:, s.offset:s.offset + s.numel]
+        """grads [n, numel]: this rank's gradients of ``p`` for the languages of slice rows row0..row0+n
+        (zero rows for languages this rank lacks in the micro-batch) -> this rank's fragments of their
+        data-parallel average, added into those rows of the slices.
+
+        One all-to-all: each rank sends every other rank that rank's fragment columns of the rows of the
+        languages it HOLDS in this micro-batch, and adds what it receives into its own fragments. Bytes
+        per rank: (languages held) × numel × (N−1)/N × 4, i.e. one reduce-scatter per language held (an
+        all-reduce of all rows would move twice that for every language of the step); under
+        language-affine dealing a rank holds one language or few."""
+        n, k = grads.shape[0], self._index[id(p)]
+        segs = self._segments.get(k, ())
+        if self._dp == 1:
+            rows = self.slices[row0:row0 + n]
+            for s in segs:
+                rows[:, s.start:s.start + s.numel] += grads[:, s.offset:s.offset + s.numel]
+            return
+        held = [[r for r in rows if row0 <= r < row0 + n] for rows in self._held]  # slice rows, per rank
+        mine = held[self._me]
+        rows_out = grads if len(mine) == n else grads[[r - row0 for r in mine]]
+        parts, in_splits = [], []
+        for frags in self._frags[k]:
+            for off, numel in frags:
+                parts.append(rows_out[:, off:off + numel].reshape(-1))
+            in_splits.append(len(mine) * sum(numel for _, numel in frags))
+        width = sum(numel for _, numel in self._frags[k][self._me])
+        out_splits = [len(rows) * width for rows in held]
+        send = torch.cat(parts) if parts else grads.new_zeros(0)
+        recv = grads.new_empty(sum(out_splits))
+        dist.all_to_all_single(recv, send, out_splits, in_splits, group=self._group)
+        self.bytes_sent += (sum(in_splits) - in_splits[self._me]) * send.element_size()
+        pos = 0
+        for rows, size in zip(held, out_splits):
+            if not rows:
+                continue
+            block = recv[pos:pos + size].view(len(rows), width).div_(self._dp)  # DeepSpeed averages over ranks
+            pos += size
+            col = 0
+            for s in segs:
+                self.slices[rows, s.start:s.start + s.numel] += block[:, col:col + s.numel]
+                col += s.numel
 
     def collect(self, batches: list) -> LanguageGrads:
         self._check_batches(batches)
         K, part, engine = self.num_langs, self.partition, self.engine
         dev = part.device
-        here = torch.zeros(K, dtype=torch.float32, device=dev)
-        for batch in batches:
-            here[list(batch.segments)] = 1.0
+        # Which languages every rank holds in every micro-batch (one small all-gather per step): the
+        # languages present, and who sends which rows in the all-to-alls.
+        held = torch.zeros(len(batches), K, dtype=torch.uint8)
+        for m, batch in enumerate(batches):
+            held[m, list(batch.segments)] = 1
+        every = [held]
         if self._dp > 1:
-            dist.all_reduce(here, group=self._group)
-        present = here.cpu() > 0
+            every = [torch.empty_like(held) for _ in range(self._dp)]
+            dist.all_gather(every, held, group=self._group)
+        every = torch.stack(every)  # [ranks, micro-batches, K]
+        present = every.amax((0, 1)) > 0
         langs_all = torch.nonzero(present).flatten()
         rows = {int(k): r for r, k in enumerate(langs_all.tolist())}
         self.num_rows = len(rows)
@@ -217,6 +332,8 @@ class OneBackwardCollector(GradCollector):
         try:
             for m, batch in enumerate(batches):
                 self.segment_rows = _segment_rows(batch.segments, rows)
+                self._held = [[rows[int(k)] for k in torch.nonzero(every[r, m]).flatten().tolist()]
+                              for r in range(self._dp)]
                 part.force_boundary()
                 loss_k, nll_k, ntok_k = forward_losses(engine, batch, K, self.pad_id, self.label_smoothing)
                 engine.backward(loss_k.sum())

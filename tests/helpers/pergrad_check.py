@@ -51,7 +51,13 @@ LR = 0.05
 
 
 def batches_for(step, world, ga, K, pattern):
-    return [[make_batch(r, step, m, langs_for(r, step, m, K, pattern)) for m in range(ga)] for r in range(world)]
+    return [[make_batch(r, step, m, langs_for(r, step, m, K, pattern, world)) for m in range(ga)] for r in range(world)]
+
+
+def seed_of(step: int):
+    """The torch seed before the forward of (rank, micro-batch) in ``step``: dropout masks the reference
+    can reproduce."""
+    return lambda rank, micro: 1000 * step + 10 * rank + micro
 
 
 def full_params(engine, stage):
@@ -177,7 +183,7 @@ class Reference:
 def check_method(name, args, rank, world):
     K, ga = args.K, args.ga
     granularity, opts = PLAN[name]
-    model = make_model(0)
+    model = make_model(0, args.dropout)
     if args.precision == "bf16":  # DeepSpeed starts from the bf16-rounded weights: so does the reference
         with torch.no_grad():
             for p in model.parameters():
@@ -194,12 +200,21 @@ def check_method(name, args, rank, world):
                               seed=1234)
     ref = Reference(name, K, granularity, opts, names)
     gram_steps = skipped = 0
+    seeds = []
+    if args.dropout:  # each micro-batch's one forward draws its masks from a known seed
+        assert args.pipeline_stages == 1, "--dropout: plain engines only"
+        def reseed(*_):  # returns None: a pre-hook's return value would replace the forward's inputs
+            torch.manual_seed(seeds.pop(0))
+
+        engine.module.register_forward_pre_hook(reseed)
     for step in range(args.steps):
         batches = batches_for(step, dp, ga, K, args.pattern)
+        seeds[:] = [seed_of(step)(rank, m) for m in range(ga)]
         stats = step_fn.run(batches[rank], step)
+        assert not args.dropout or not seeds, "a micro-batch was not forwarded exactly once"
         gram_steps += stats.gram_step
         skipped += stats.skipped
-        grads, losses = reference_grads(ref_model, batches, K, ga)
+        grads, losses = reference_grads(ref_model, batches, K, ga, seed_of(step) if args.dropout else None)
         present = [any(k in b.segments for bs in batches for b in bs) for k in range(K)]
         order = method.last_order.tolist() if getattr(method, "last_order", None) is not None else None
         upd = ref.updates(grads, present, step, order, losses)
@@ -296,7 +311,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--ga", type=int, default=1)
     ap.add_argument("--K", type=int, default=4)
-    ap.add_argument("--pattern", default="mixed", choices=["all", "mixed"])
+    ap.add_argument("--pattern", default="mixed", choices=["all", "mixed", "affine"])
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--pipeline-stages", type=int, default=1)
     ap.add_argument("--collector", default="k_backward", choices=["k_backward", "one_backward"])

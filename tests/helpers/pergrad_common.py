@@ -36,9 +36,9 @@ def init_dist(port: str = "29517"):
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def make_model(seed: int = 0) -> Transformer:
+def make_model(seed: int = 0, dropout: float = 0.0) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(**MODEL))
+    return Transformer(ModelConfig(**{**MODEL, "dropout": dropout}))
 
 
 def ds_config(stage: int, world: int, ga: int = 1, precision: str = "fp32", lr: float = 1e-2,
@@ -99,22 +99,28 @@ def make_batch(rank: int, step: int, micro: int, langs: list[int], rows_per_lang
     return Batch(src, tgt_in, tgt_out, lang, segments, int((tgt_out != PAD).sum()))
 
 
-def langs_for(rank: int, step: int, micro: int, K: int, pattern: str) -> list[int]:
+def langs_for(rank: int, step: int, micro: int, K: int, pattern: str, world: int = 1) -> list[int]:
     """Which languages a rank's micro-batch holds.
 
     "all": every language everywhere. "mixed": ranks and micro-batches hold different subsets and the
     last language is absent from the whole step on even steps (tests the presence mask and the
-    zero-loss backward that keeps ranks' collectives in step).
+    zero-loss backward that keeps ranks' collectives in step). "affine": language-affine dealing, one
+    language per micro-batch, so each language is on one rank and in one micro-batch of the step (and
+    languages are absent when ranks × micro-batches < K); on odd steps rank 0's first micro-batch is a
+    mixed leftover batch of two languages.
     """
     if pattern == "all":
         return list(range(K))
+    if pattern == "affine":
+        k = (step + rank + world * micro) % K
+        return sorted({k, (k + world * 2) % K}) if step % 2 and rank == 0 and micro == 0 else [k]
     assert pattern == "mixed"
     pool = list(range(K - 1)) if step % 2 == 0 else list(range(K))
     out = [k for k in pool if (k + rank + micro) % 3 != 0] or pool[:1]
     return out
 
 
-def reference_grads(model: torch.nn.Module, batches_per_rank: list[list[Batch]], K: int, ga: int):
+def reference_grads(model: torch.nn.Module, batches_per_rank: list[list[Batch]], K: int, ga: int, seed_of=None):
     """Each language's full gradient as DeepSpeed defines the reduced one: the mean over ranks of the
     sum over micro-batches of ∇(loss share_k) / ga, computed with one backward per (rank, micro, k) on a
     plain copy of the model. Returns ({name: [K, *shape] fp64}, losses [K]): each language's mean token
@@ -124,8 +130,13 @@ def reference_grads(model: torch.nn.Module, batches_per_rank: list[list[Batch]],
     out = {n: torch.zeros(K, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
     loss_sum = torch.zeros(K, dtype=torch.float64)
     tokens = torch.zeros(K, dtype=torch.float64)
-    for batches in batches_per_rank:
-        for b in batches:
+    def seed(r, m):
+        if seed_of is not None:
+            torch.manual_seed(seed_of(r, m))
+
+    for r, batches in enumerate(batches_per_rank):
+        for m, b in enumerate(batches):
+            seed(r, m)
             with torch.no_grad():
                 tok_loss, _ = token_losses(model(b.src, b.tgt_in), b.tgt_out, PAD, SMOOTHING)
                 for k in range(K):
@@ -134,6 +145,7 @@ def reference_grads(model: torch.nn.Module, batches_per_rank: list[list[Batch]],
                     tokens[k] += float((b.tgt_out[rows] != PAD).sum())
             for k in range(K):
                 model.zero_grad(set_to_none=True)
+                seed(r, m)
                 logits = model(b.src, b.tgt_in)
                 loss_k, _, _ = per_language_losses(logits, b.tgt_out, b.lang, K, PAD, SMOOTHING)
                 if k not in b.segments:
