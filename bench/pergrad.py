@@ -49,14 +49,17 @@ PHASES = ("collect", "gram", "weights", "combine", "step")
 
 
 def make_batch(langs: list[int], tokens: int, vocab: int, gen: torch.Generator) -> Batch:
-    """About ``tokens`` target tokens over the languages ``langs``, rows grouped by language, lengths 12..32."""
-    rows = []
-    per_lang = max(1, tokens // (len(langs) * 22))
-    for k in langs:
-        for _ in range(per_lang):
+    """About ``tokens`` target tokens over the languages ``langs`` (at least one sentence each), rows
+    grouped by language, lengths 12..32."""
+    rows, segments = [], {}
+    n = max(len(langs), round(tokens / 22))
+    for i, k in enumerate(langs):
+        first = len(rows)
+        for _ in range(n // len(langs) + (i < n % len(langs))):
             s, t = (int(x) for x in torch.randint(12, 33, (2,), generator=gen))
             src = torch.randint(4, vocab, (s,), generator=gen)
             rows.append((k, src, torch.randint(4, vocab, (t + 1,), generator=gen)))
+        segments[k] = (first, len(rows))
     S, T = max(len(r[1]) for r in rows), max(len(r[2]) for r in rows) - 1
     src = torch.zeros(len(rows), S, dtype=torch.long)
     tgt_in = torch.zeros(len(rows), T, dtype=torch.long)
@@ -66,7 +69,6 @@ def make_batch(langs: list[int], tokens: int, vocab: int, gen: torch.Generator) 
         tgt_in[i, :len(t) - 1] = t[:-1]
         tgt_out[i, :len(t) - 1] = t[1:]
     lang = torch.tensor([r[0] for r in rows])
-    segments = {k: (i * per_lang, (i + 1) * per_lang) for i, k in enumerate(langs)}
     return Batch(src, tgt_in, tgt_out, lang, segments, int((tgt_out != 0).sum()))
 
 

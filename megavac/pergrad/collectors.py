@@ -56,11 +56,17 @@ class GradCollector:
         self.ga = int(engine.gradient_accumulation_steps())
         self._buffer: torch.Tensor | None = None
 
-    def _zeroed_rows(self, n: int) -> torch.Tensor:
-        """fp32 [n, numel] zeros for n present languages, reusing one buffer that grows to the most seen."""
+    def _rows(self, n: int) -> torch.Tensor:
+        """fp32 [n, numel] for n present languages, reusing one buffer that grows to the most seen; the
+        padding elements (outside every segment) are zero, the rest holds the last step's values."""
         if self._buffer is None or self._buffer.shape[0] < n:
+            self._buffer = None  # free the old one first
             self._buffer = torch.zeros(n, self.partition.numel, dtype=torch.float32, device=self.partition.device)
-        return self._buffer[:n].zero_()
+        return self._buffer[:n]
+
+    def _zeroed_rows(self, n: int) -> torch.Tensor:
+        """``_rows(n)``, zeroed."""
+        return self._rows(n).zero_()
 
     def _check_batches(self, batches: list) -> None:
         if len(batches) != self.ga:
@@ -147,13 +153,15 @@ class PipelineCollector(GradCollector):
     of the batch's language-k rows alone (divided by the whole batch's tokens). Each (micro-batch,
     language) becomes one pipeline micro-batch: one forward and one backward per sentence, as in plain
     training, and more micro-batches only shrink the pipeline bubble. After each backward a stage
-    moves its parameters' local gradient into row k and zeroes it (``run_backward_schedule``); then
-    ``reduce_rows`` sums the tied embedding over its two stages and averages over data-parallel ranks:
-    each row is DeepSpeed's reduced gradient of language k for this stage's parameters (full, not a
-    ZeRO slice: the pipeline engine's ZeRO-1 partitions only optimizer state). Grams count each element
-    once over all ranks (``gram_segments``) and are summed over data-parallel AND pipeline ranks.
+    reduces its parameters' local gradient into its fragments of the data-parallel average (one
+    all-to-all, the bytes of a reduce-scatter), adds them to row k and zeroes the gradient
+    (``run_backward_schedule``); then ``reduce_rows`` sums the tied embedding over its two stages: each
+    row is this rank's share of DeepSpeed's reduced gradient of language k for the stage's parameters.
+    Grams count each element once over all ranks (``gram_segments``) and are summed over data-parallel
+    AND pipeline ranks.
 
-    Memory: one fp32 row per present language of the stage's parameters (1/stages of the model).
+    Memory: one fp32 row per present language of 1/dp of the stage's parameters (1/(stages × dp) of the
+    model), as under ZeRO.
     """
 
     def __init__(self, engine, num_langs: int, partition: GradPartition | None = None):
@@ -181,14 +189,24 @@ class PipelineCollector(GradCollector):
         row = {int(k): r for r, k in enumerate(langs_all.tolist())}
         rows = self._zeroed_rows(len(row))
 
+        # Capture i of every data-parallel rank of the stage is one all-to-all (each rank's i-th language
+        # micro-batch); ranks with fewer micro-batches join the remaining ones with nothing to send.
+        mine = [row[k] for k in order]
+        every = [mine]
+        if part.dp_size > 1:
+            every = [None] * part.dp_size
+            dist.all_gather_object(every, mine, group=part.dp_group())
+
         def capture(i):
-            part.read(rows[row[order[i]]], accumulate=True)
+            part.reduce_into(rows, [o[i] if i < len(o) else None for o in every])
             part.zero_()
 
         loss = self.runner.loss
         loss.begin(None)
         part.zero_()
         part.run_backward_schedule(pipeline_items(subs), capture)
+        for i in range(len(mine), max(map(len, every))):
+            capture(i)
         part.reduce_rows(rows)
         return LanguageGrads(rows, langs_all, present, loss.tally)
 

@@ -376,12 +376,16 @@ class _PipelinePartition(GradPartition):
     the end of ``train_batch``; until then each stage's parameters hold this rank's own full local
     gradients in ``param.grad``, which is what the per-language capture reads between micro-batches.
 
-    The local vector is the stage's parameters back to back (``engine.module.named_parameters()``
-    order, no padding). ``param_names`` must be the plain ``Transformer`` names the caller passes, so
-    that every stage builds the same global groups. The Gram counts each model
-    element once over all ranks: the stage's vector is cut into ``dp`` chunks, data-parallel rank d
-    counts chunk d, and the second copy of a tied weight (``ds_pipe_replicated``, set by DeepSpeed on
-    every tied copy but the first stage's) is left out.
+    The local vector is this data-parallel rank's share of the stage's parameters: every parameter is
+    cut into ``dp`` near-equal fragments (as ZeRO-3 cuts parameters) and rank d holds fragment d, so the
+    per-language rows cost 1/dp of the stage and a tied weight's fragment d is the same elements on both
+    of its stages. ``reduce_into`` turns the local gradient in ``param.grad`` into this rank's fragments
+    of the data-parallel average (one all-to-all); ``write`` puts dp × the fragments back into
+    ``param.grad`` with zeros elsewhere, so ReduceGrads' data-parallel average is the full gradient.
+    ``param_names`` must be the plain ``Transformer`` names the caller passes, so that every stage
+    builds the same global groups. The Gram counts each model element once over all ranks: the
+    second copy of a tied weight (``ds_pipe_replicated``, set by DeepSpeed on every tied copy but the
+    first stage's) is left out.
     """
 
     def __init__(self, engine, names: list[str] | None = None, all_names: list[str] | None = None):
@@ -393,22 +397,25 @@ class _PipelinePartition(GradPartition):
         self.dp_rank, self.dp_size = int(grid.data_parallel_id), int(grid.data_parallel_size)
         self._dp_group = grid.get_data_parallel_group()
         self.storage_dtype = self.params[0].dtype if self.params else torch.float32
-        self.segments, off = [], 0
+        # fragments[d]: (parameter index, first, end) of rank d's fragments, in parameter order.
+        self.fragments = [[] for _ in range(self.dp_size)]
         for k, p in enumerate(self.params):
-            self.segments.append(Segment(off, p.numel(), k, 0))
-            off += p.numel()
+            chunk = -(-p.numel() // self.dp_size)
+            for d in range(self.dp_size):
+                lo, hi = min(p.numel(), d * chunk), min(p.numel(), (d + 1) * chunk)
+                if hi > lo:
+                    self.fragments[d].append((k, lo, hi))
+        self.segments, off = [], 0
+        for k, lo, hi in self.fragments[self.dp_rank]:
+            self.segments.append(Segment(off, hi - lo, k, lo))
+            off += hi - lo
         self.numel = off
-        chunk = -(-self.numel // self.dp_size)
-        lo, hi = self.dp_rank * chunk, min(self.numel, (self.dp_rank + 1) * chunk)
-        self._gram_segments = []
-        for s in self.segments:
-            if getattr(self.params[s.param], "ds_pipe_replicated", False):
-                continue
-            a, b = max(lo, s.start), min(hi, s.start + s.numel)
-            if a < b:
-                self._gram_segments.append(Segment(a, b - a, s.param, a - s.start))
+        self._gram_segments = [s for s in self.segments
+                               if not getattr(self.params[s.param], "ds_pipe_replicated", False)]
         index = {id(p): k for k, p in enumerate(self.params)}
-        self.tied = [(self.segments[index[id(w)]], group) for w, group in module.get_tied_weights_and_groups()]
+        self.tied = [(index[id(w)], group) for w, group in module.get_tied_weights_and_groups()]
+        self.bytes_sent = 0
+        """Bytes this rank has sent in ``reduce_into`` (for benchmarks)."""
         self._check_segments()
 
     @property
@@ -421,13 +428,29 @@ class _PipelinePartition(GradPartition):
     def gram_group(self):
         return None  # the world: every (stage, data-parallel rank) counts its own elements
 
-    def _pieces(self):
-        pieces = []
-        for s, p in zip(self.segments, self.params):
+    def _grads(self) -> list[torch.Tensor]:
+        for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            pieces.append((s.start, p.grad))
-        return pieces
+        return [p.grad.view(-1) for p in self.params]
+
+    def _pieces(self):
+        grads = self._grads()
+        return [(s.start, grads[s.param][s.offset:s.offset + s.numel]) for s in self.segments]
+
+    def zero_(self) -> None:
+        for g in self._grads():
+            g.zero_()
+
+    def write(self, flat: torch.Tensor) -> None:
+        """dp × this rank's fragments of ``flat``, zeros elsewhere: ReduceGrads' data-parallel average of
+        the ranks' ``param.grad`` is then ``flat`` assembled from every rank's fragments."""
+        assert flat.shape == (self.numel,), (flat.shape, self.numel)
+        grads = self._grads()
+        for g in grads:
+            g.zero_()
+        for s in self.segments:
+            grads[s.param][s.offset:s.offset + s.numel] = flat[s.start:s.start + s.numel] * self.dp_size
 
     def force_boundary(self) -> None:
         pass  # the pipeline engine decides boundaries by instruction, not by micro-step counting
@@ -435,18 +458,46 @@ class _PipelinePartition(GradPartition):
     def release_boundary(self) -> None:
         pass
 
-    def reduce_rows(self, rows: torch.Tensor) -> None:
-        """In place: local per-language gradients [P, numel] -> DeepSpeed's reduced ones, i.e. tied
-        weights summed over their stages and everything averaged over the data-parallel group."""
+    def reduce_into(self, rows: torch.Tensor, row_of: list[int | None]) -> None:
+        """One all-to-all of one stage gradient (the bytes of a reduce-scatter): data-parallel rank d's
+        ``param.grad`` (the local gradient of one of its language micro-batches) goes, fragment by
+        fragment, to the fragments' owners, each adding it ÷ dp into ``rows[row_of[d]]`` (fp32
+        [P, numel]); ``row_of[d]`` None: rank d sends nothing this time (it has fewer language
+        micro-batches than another rank). Every data-parallel rank of the stage calls it alike."""
         import torch.distributed as dist
 
-        if self.dp_size > 1:
-            dist.all_reduce(rows, group=self._dp_group)
-            rows /= self.dp_size
-        for s, group in self.tied:
-            part = rows[:, s.start:s.start + s.numel].contiguous()
-            dist.all_reduce(part, group=group)
-            rows[:, s.start:s.start + s.numel] = part
+        grads = self._grads()
+        if self.dp_size == 1:
+            if row_of[0] is not None:
+                row = rows[row_of[0]]
+                for s in self.segments:
+                    row[s.start:s.start + s.numel] += grads[s.param][s.offset:s.offset + s.numel]
+            return
+        if row_of[self.dp_rank] is None:
+            send, in_splits = rows.new_zeros(0), [0] * self.dp_size
+        else:
+            send = torch.cat([grads[k][lo:hi] for frags in self.fragments for k, lo, hi in frags]).float()
+            in_splits = [sum(hi - lo for _, lo, hi in frags) for frags in self.fragments]
+        out_splits = [0 if r is None else self.numel for r in row_of]
+        recv = rows.new_empty(sum(out_splits))
+        dist.all_to_all_single(recv, send, out_splits, in_splits, group=self._dp_group)
+        self.bytes_sent += (sum(in_splits) - in_splits[self.dp_rank]) * 4
+        pieces = iter(recv.view(-1, self.numel)) if self.numel else iter(())
+        for r in row_of:
+            if r is not None:
+                rows[r] += next(pieces) / self.dp_size
+
+    def reduce_rows(self, rows: torch.Tensor) -> None:
+        """In place: rows already data-parallel averaged by ``reduce_into`` -> DeepSpeed's reduced
+        gradients, i.e. each tied weight's fragment summed over its stages."""
+        import torch.distributed as dist
+
+        for k, group in self.tied:
+            for s in self.segments:
+                if s.param == k:
+                    part = rows[:, s.start:s.start + s.numel].contiguous()
+                    dist.all_reduce(part, group=group)
+                    rows[:, s.start:s.start + s.numel] = part
 
     def run_backward_schedule(self, items: list, after_backward) -> None:
         """DeepSpeed's 1F1B training schedule over ``items`` (one per micro-batch) WITHOUT its tied-weight

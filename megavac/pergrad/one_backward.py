@@ -215,17 +215,20 @@ class _Taps:
         transient memory stays ``BUDGET`` elements. Every rank decides alike (P and numel are global)."""
         P, numel = self.c.num_rows, self.c.numel_of(p)
         self.uses[p] -= 1
+        first = p not in self.c.started  # the step's first reduction into p's columns overwrites them
         if P * numel <= BUDGET:
             prev = self.acc.pop(p, None)
             total = grads(0, P) if prev is None else prev.add_(grads(0, P))
             if self.uses[p] == 0:
-                self.c.reduce_into_slices(p, total, 0)
+                self.c.reduce_into_slices(p, total, 0, first)
+                self.c.started.add(p)
             else:
                 self.acc[p] = total
             return
         chunk = max(1, BUDGET // numel)
         for r0 in range(0, P, chunk):
-            self.c.reduce_into_slices(p, grads(r0, min(P, r0 + chunk)), r0)
+            self.c.reduce_into_slices(p, grads(r0, min(P, r0 + chunk)), r0, first)
+        self.c.started.add(p)
 
 
 class OneBackwardCollector(GradCollector):
@@ -240,6 +243,7 @@ class OneBackwardCollector(GradCollector):
         super().__init__(engine, num_langs, partition)
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
         params = [p for _, p in engine.module.named_parameters()]
+        self._params = [(p, k) for k, p in enumerate(params)]
         self._index = {id(p): k for k, p in enumerate(params)}
         self._segments = defaultdict(list)
         for s in self.partition.segments:
@@ -266,10 +270,11 @@ class OneBackwardCollector(GradCollector):
     def numel_of(self, p) -> int:
         return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are partitioned: ds_numel is the full size
 
-    def reduce_into_slices(self, p, grads: torch.Tensor, row0: int) -> None:
+    def reduce_into_slices(self, p, grads: torch.Tensor, row0: int, first: bool = False) -> None:
         """grads [n, numel]: this rank's gradients of ``p`` for the languages of slice rows row0..row0+n
         (zero rows for languages this rank lacks in the micro-batch) -> this rank's fragments of their
-        data-parallel average, added into those rows of the slices.
+        data-parallel average, added into those rows of the slices (``first``: written over them; only
+        a single rank skips zeroing the slices, since its every reduction covers every row).
 
         One all-to-all: each rank sends every other rank that rank's fragment columns of the rows of the
         languages it HOLDS in this micro-batch, and adds what it receives into its own fragments. Bytes
@@ -281,7 +286,8 @@ class OneBackwardCollector(GradCollector):
         if self._dp == 1:
             rows = self.slices[row0:row0 + n]
             for s in segs:
-                rows[:, s.start:s.start + s.numel] += grads[:, s.offset:s.offset + s.numel]
+                dst, src = rows[:, s.start:s.start + s.numel], grads[:, s.offset:s.offset + s.numel]
+                (dst.copy_ if first else dst.add_)(src)
             return
         held = [[r for r in rows if row0 <= r < row0 + n] for rows in self._held]  # slice rows, per rank
         mine = held[self._me]
@@ -326,7 +332,10 @@ class OneBackwardCollector(GradCollector):
         langs_all = torch.nonzero(present).flatten()
         rows = {int(k): r for r, k in enumerate(langs_all.tolist())}
         self.num_rows = len(rows)
-        self.slices = self._zeroed_rows(len(rows))
+        # On one rank every reduction writes all rows of its parameter's columns, the first of the step
+        # overwriting: no need to zero P × (model size) first (padding columns are never written: zero).
+        self.slices = self._zeroed_rows(len(rows)) if self._dp > 1 else self._rows(len(rows))
+        self.started = set()
         tally = LossTally(K, device=dev)
         taps = _Taps(engine.module, self)
         try:
@@ -345,4 +354,8 @@ class OneBackwardCollector(GradCollector):
                 tally.add(loss_k, nll_k, ntok_k, batch.ntokens)
         finally:
             taps.close()
+        for p, k in self._params:
+            if p not in self.started:  # no gradient this step (an unused parameter): its columns are zero
+                for s in self._segments.get(k, ()):
+                    self.slices[:, s.start:s.start + s.numel] = 0
         return LanguageGrads(self.slices, langs_all, present, tally)

@@ -393,10 +393,10 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     if method.method != "monolithic":
         K = len(info["names"]) if info else 0
         per_batch = method.langs_per_batch or K
-        # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K languages.
-        # Under pipeline parallelism a row is the stage's whole local gradient (ZeRO-1 partitions only the
-        # optimizer state there), and each language's rows form their own micro-batch: no extra backward.
-        slice_elems = stage_params if pipeline_stages > 1 else stage_params // dp
+        # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K languages,
+        # each this rank's 1/dp share of its stage's parameters (under a pipeline too: each language's
+        # gradient is reduced into the rank's fragments right after its micro-batch's backward).
+        slice_elems = stage_params // dp
         extra = per_batch * slice_elems * 4
         plan.memory.append((f"per-language slices ({per_batch} of {K} languages)", extra, None))
         if pipeline_stages > 1:
@@ -405,8 +405,9 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
             from megavac.pergrad.one_backward import BUDGET
 
             # The per-language gradients of one parameter exist in full only until they are reduced into
-            # the slices, and at most BUDGET elements at a time (the largest tensor: the tied embedding).
-            transient = min(per_batch * max(embed, largest), BUDGET) * 4
+            # the slices, and at most BUDGET elements at a time (the largest tensor: the tied embedding);
+            # the all-to-all that reduces them holds a send and a receive copy of at most that size.
+            transient = 3 * min(per_batch * max(embed, largest), BUDGET) * 4
             plan.memory.append(("per-language gradients of one parameter (transient)", transient, None))
             plan.numbers["pergrad_transient_bytes"] = transient
             cost = "one backward per micro-batch (per-language weight gradients split out of it)"
