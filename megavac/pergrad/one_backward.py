@@ -51,6 +51,11 @@ def _segment_rows(segments: dict, rows: dict) -> list[tuple[int, int, int]]:
     return [(rows[k], a, b) for k, (a, b) in sorted(segments.items()) if b > a]
 
 
+def _tokens(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Batch rows a..b of ``t`` [B, L, d] as fp32 tokens [(b - a) L, d]."""
+    return t[a:b].reshape(-1, t.shape[-1]).float()
+
+
 def _token_sum(t: torch.Tensor) -> torch.Tensor:
     """Σ over the tokens, per feature (fp32): biases, LayerNorm gains."""
     return t.reshape(-1, t.shape[-1]).float().sum(0)
@@ -157,28 +162,74 @@ class _Taps:
         """Called by ``_TappedLinear.backward``: ``m`` the Linear (None: the tied projection, whose
         weight is the embedding's)."""
         w = weight if m is None else m.weight
-        self._emit(w, self._grouped(w, lambda bounds: _grouped_outer(g, x, bounds)))
+        if self._direct(w):
+            def gemm(dst, a, b, acc):
+                gk, xk = _tokens(g, a, b), _tokens(x, a, b)
+                if acc:
+                    dst.addmm_(gk.T, xk)
+                else:
+                    torch.mm(gk.T, xk, out=dst)
+            self._emit_direct(w, weight.shape, gemm)
+        else:
+            self._emit(w, self._grouped(w, lambda bounds: _grouped_outer(g, x, bounds)))
         if m is not None and m.bias is not None:
-            self._emit(m.bias, self._per_language(m.bias, lambda a, b: _token_sum(g[a:b])))
+            self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]))
 
     def _backward(self, m, x, g):
         if isinstance(m, nn.LayerNorm):
             xhat = F.layer_norm(x.float(), m.normalized_shape, eps=m.eps)
             if m.weight is not None:
-                self._emit(m.weight, self._per_language(m.weight, lambda a, b: _token_sum(g[a:b] * xhat[a:b])))
+                self._emit_rule(m.weight, lambda a, b: _token_sum(g[a:b] * xhat[a:b]))
             if m.bias is not None:
-                self._emit(m.bias, self._per_language(m.bias, lambda a, b: _token_sum(g[a:b])))
-        else:  # nn.Embedding: row-wise scatter of δ at the token ids (none for the padding row)
-            V, d = m.num_embeddings, m.embedding_dim
+                self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]))
+            return
+        # nn.Embedding: row-wise scatter of δ at the token ids (none for the padding row)
+        V, d = m.num_embeddings, m.embedding_dim
 
-            def rows(a, b):
-                ids, gs = x[a:b].reshape(-1), g[a:b].reshape(-1, d).float()
-                if m.padding_idx is not None:
-                    keep = ids != m.padding_idx
-                    ids, gs = ids[keep], gs[keep]
-                return gs.new_zeros(V, d).index_add_(0, ids, gs)
+        def ids_and_rows(a, b):
+            ids, gs = x[a:b].reshape(-1), g[a:b].reshape(-1, d).float()
+            if m.padding_idx is not None:
+                keep = ids != m.padding_idx
+                ids, gs = ids[keep], gs[keep]
+            return ids, gs
 
-            self._emit(m.weight, self._per_language(m.weight, rows))
+        if self._direct(m.weight):
+            def scatter(dst, a, b, acc):
+                if not acc:
+                    dst.zero_()
+                dst.index_add_(0, *ids_and_rows(a, b))
+            self._emit_direct(m.weight, (V, d), scatter)
+        else:
+            self._emit(m.weight, self._per_language(
+                m.weight, lambda a, b: torch.zeros(V, d, device=g.device).index_add_(0, *ids_and_rows(a, b))))
+
+    def _emit_rule(self, p, one):
+        """Emit ``one(a, b)``, the (small) gradient of ``p`` from batch rows a..b of one language."""
+        if self._direct(p):
+            self._emit_direct(p, (self.c.numel_of(p),), lambda dst, a, b, acc: (dst.add_ if acc else dst.copy_)(one(a, b)))
+        else:
+            self._emit(p, self._per_language(p, one))
+
+    # One rank: every language's gradient goes straight into its row of the slices (the whole parameter
+    # is this rank's one fragment), written by the step's first contribution and added by later ones: no
+    # per-language temporaries, no copies.
+    def _direct(self, p) -> bool:
+        return self.c.direct_segment(p) is not None
+
+    def _emit_direct(self, p, shape, write):
+        """``write(dst, a, b, accumulate)`` puts language rows a..b's gradient of ``p`` into ``dst`` (a
+        view of shape ``shape`` of its slice row), over it or added to it."""
+        s, slices = self.c.direct_segment(p), self.c.slices
+        first = p not in self.c.started
+        self.uses[p] -= 1
+        seen = set()
+        for r, a, b in self.c.segment_rows:
+            write(slices[r, s.start:s.start + s.numel].view(shape), a, b, not first)
+            seen.add(r)
+        if first:
+            for r in set(range(self.c.num_rows)) - seen:  # languages absent from this micro-batch
+                slices[r, s.start:s.start + s.numel] = 0
+            self.c.started.add(p)
 
     def _per_language(self, p, one):
         """grads(r0, r1) from ``one(a, b)``, the gradient of ``p`` from batch rows a..b (one language)."""
@@ -267,6 +318,16 @@ class OneBackwardCollector(GradCollector):
         """Bytes this rank has sent to other ranks in the per-language reduction (for benchmarks)."""
 
     # Called by _Taps during the backward.
+    def direct_segment(self, p):
+        """The segment of ``p`` when this single rank holds all of it in one piece (``_Taps`` then
+        writes its per-language gradients straight into the slices), else None."""
+        if self._dp != 1:
+            return None
+        segs = self._segments.get(self._index[id(p)], ())
+        if len(segs) == 1 and segs[0].offset == 0 and segs[0].numel == self.numel_of(p):
+            return segs[0]
+        return None
+
     def numel_of(self, p) -> int:
         return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are partitioned: ds_numel is the full size
 
