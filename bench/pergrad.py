@@ -1,7 +1,7 @@
 """Step time of every gradient method relative to monolithic training, measured side by side.
 
     python bench/pergrad.py [--langs 4 8 16] [--reps 5] [--model tiny] [--vocab 4000] [--tokens 1024] [--zero 2]
-    deepspeed --num_gpus 2 bench/pergrad.py ...            # 2 CPU ranks (gloo)
+    deepspeed --num_gpus 2 bench/pergrad.py ...            # 2 CPU ranks (gloo); on GPUs: NCCL, one GPU per rank
     deepspeed --num_gpus 2 bench/pergrad.py --pipeline-stages 2 --zero 1   # the pipelined collector
 
 One DeepSpeed engine, one process per rank. For each K (languages per batch) every repetition draws
@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=4000)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--zero", type=int, default=2, choices=[1, 2, 3])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                    help="bf16/fp16: with data_types.grad_accum_dtype fp32 (fp16 needs a GPU)")
     ap.add_argument("--granularity", default="all_layer")
     ap.add_argument("--lang-affine", action="store_true",
                     help="language-affine dealing: rank r's batch holds only languages r, r+N, ... of the K (same "
@@ -96,7 +98,8 @@ def main():
     args = ap.parse_args()
     # DeepSpeed 0.19.8 calls torch.distributed APIs that torch 2.13 marks deprecated: noise here.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    if args.threads:
+    cuda = torch.cuda.is_available()
+    if args.threads and not cuda:
         torch.set_num_threads(args.threads)
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
         os.environ.setdefault(k, v)
@@ -104,8 +107,16 @@ def main():
 
     import deepspeed
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo; skip a 60 s JIT build
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    if not cuda:
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo; skip a 60 s JIT build
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+
+    def now():
+        if cuda:  # kernels run asynchronously: time what the device has finished
+            torch.cuda.synchronize()
+        return time.perf_counter()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
     torch.manual_seed(0)
@@ -116,6 +127,9 @@ def main():
           "zero_optimization": {"stage": args.zero, "overlap_comm": False, "contiguous_gradients": True,
                                 "reduce_bucket_size": 50_000_000},
           "steps_per_print": 10**9}
+    if args.precision != "fp32":  # ZeRO-2 with fp32 gradient accumulation keeps the slices exact (fp16: × loss scale)
+        ds[args.precision] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     stages = args.pipeline_stages
     if stages > 1 and args.zero != 1:
         raise SystemExit("--pipeline-stages needs --zero 1 (DeepSpeed's pipeline engine allows ZeRO-0/1)")
@@ -142,7 +156,7 @@ def main():
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     say = print if rank == 0 else (lambda *a, **k: None)
     layout = f"{world} rank(s)" if stages == 1 else f"{stages} pipeline stages x {world // stages} data-parallel"
-    say(f"model {args.model} ({P / 1e6:.2f}M parameters, vocab {args.vocab}), ZeRO-{args.zero}, {layout}, "
+    say(f"model {args.model} ({P / 1e6:.2f}M parameters, vocab {args.vocab}), {args.precision}, ZeRO-{args.zero}, {layout}, "
         f"~{args.tokens} target tokens per batch, {torch.get_num_threads()} thread(s) per rank, "
         f"granularity {args.granularity}, {args.reps} interleaved repetitions (+1 warm-up), median")
 
@@ -164,18 +178,18 @@ def main():
         dp, dp_rank = world // stages, rank % (world // stages)
         langs = [k for k in range(K) if k % dp == dp_rank] if args.lang_affine else list(range(K))
         for rep in range(args.reps + 1):
-            batch = make_batch(langs, args.tokens, args.vocab, gen)
+            batch = make_batch(langs, args.tokens, args.vocab, gen).to(engine.device)
             order = list(steps)
             order = order[rep % len(order):] + order[:rep % len(order)]
             for label in order:
                 coll = steps[label].collector if label != "monolithic" else None
                 b0 = getattr(coll, "bytes_sent", 0)
-                t0 = time.perf_counter()
+                t0 = now()
                 if label.startswith("mono-gram"):
                     out = steps[label].gram_step([batch], engine.global_steps)
                 else:
                     out = steps[label].run([batch], engine.global_steps)
-                dt = time.perf_counter() - t0
+                dt = now() - t0
                 if rep:
                     times[label].append(dt)
                     sent[label].append(getattr(coll, "bytes_sent", 0) - b0)
