@@ -35,19 +35,24 @@ def wait_for_checkpoint(proc, root: Path, tag: str, timeout=300):
     raise AssertionError(f"no {tag} checkpoint after {timeout}s")
 
 
+def kill_after_checkpoint(cmd, root: Path, tag: str) -> None:
+    """Run ``cmd`` and SIGKILL the launcher and every rank right after checkpoint ``tag`` is complete."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_checkpoint(proc, root, tag)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_zero2_two_ranks_killed_after_checkpoint_resumes_exactly(small_synthetic, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(deepspeed_cmd(2, *args(small_synthetic, full, "--max-steps", 14, "--save-interval", 7)))
 
     # Same run, SIGKILLed (launcher and both ranks) right after its step-7 checkpoint is complete.
-    proc = subprocess.Popen(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 1000, "--save-interval", 7)),
-                            cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        wait_for_checkpoint(proc, killed / "checkpoints", "step_7")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_checkpoint(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 1000, "--save-interval", 7)),
+                          killed / "checkpoints", "step_7")
     before = train_losses(killed)
     out = run(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 14, "--save-interval", 7, "--resume")))
     assert "resumed from step 7" in out.stdout
@@ -152,6 +157,26 @@ def test_gradvac_two_ranks_resumes_exactly_with_its_ema_state(small_synthetic, t
 
     gram = np.load(part / "grams" / "gram_00000003.npz")
     assert gram["gram"].shape[-1] == 6 and gram["gram"].shape[0] > 2  # [groups, K, K]
+
+
+def test_language_affine_gradvac_killed_and_resumed_gives_identical_losses(small_synthetic, tmp_path):
+    """--lang-affine (micro-batches of one language) with GradVac on the one-backward collector, 2 ranks:
+    SIGKILL after the step-3 checkpoint, resume, the same losses as an uninterrupted run; resuming it
+    without --lang-affine is refused by name (the data order would change)."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ["--method", "gradvac", "--granularity", "all_layer", "--lang-affine", "--save-interval", 3]
+    run(deepspeed_cmd(2, *args(small_synthetic, full, "--max-steps", 6, *extra)))
+    kill_after_checkpoint(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 1000, *extra)),
+                          killed / "checkpoints", "step_3")
+    out = run(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 6, "--resume", *extra)))
+    assert "resumed from step 3" in out.stdout
+    a, b = train_losses(full), train_losses(killed)
+    assert sorted(a) == list(range(1, 7)) and sorted(b) == list(range(1, 7))
+    assert all(b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-7) for s in range(1, 7)), (a, b)
+    changed = [x for x in extra if x != "--lang-affine"]
+    bad = subprocess.run(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 9, "--resume", *changed)),
+                         cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "lang_affine=True" in bad.stdout + bad.stderr
 
 
 @pytest.mark.parametrize("method,ds", [("cats", "ds_configs/zero3.json"), ("pcgrad", "ds_configs/zero2_bf16.json"),
