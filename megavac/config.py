@@ -58,7 +58,8 @@ class MethodConfig:
     """Save per-group Gram matrices (npz, with the language order) every N steps; 0 disables."""
     collector: str = "one_backward"
     """How the per-language gradients are computed: one_backward (split out of one backward per
-    micro-batch) or k_backward (one backward per language: the reference). Pipelines use their own."""
+    micro-batch, also inside pipeline stages) or k_backward (the reference: one backward per language;
+    under a pipeline, one pipeline micro-batch per language)."""
     options: dict = field(default_factory=dict, metadata={"cli": False})
     """The method's own options (its Options dataclass, --<method>-<option> flags), resolved."""
 

@@ -54,9 +54,13 @@ class EmbedPipe(nn.Module):
         src, tgt_in = inputs
         return embed_tokens(self, src), embed_tokens(self, tgt_in), src
 
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """Tied output projection (the last stage's use of this layer), as ``Transformer.project``."""
+        return F.linear(y, self.embed.weight)
+
 
 def output_projection(embed: EmbedPipe, y: torch.Tensor) -> torch.Tensor:
-    return F.linear(y, embed.embed.weight)
+    return embed.project(y)
 
 
 class EncoderLayerPipe(EncoderLayer):

@@ -216,17 +216,20 @@ COLLECTORS = ("one_backward", "k_backward")
 
 def default_collector(engine, num_langs: int, pad_id: int, label_smoothing: float,
                       kind: str = "one_backward") -> GradCollector:
-    """The collector for ``engine``: under pipeline parallelism the pipeline collector; otherwise
-    ``kind``, one_backward (per-language weight gradients from one backward) or k_backward (the
-    reference: one backward per language)."""
+    """The collector for ``engine``: ``kind`` one_backward (per-language weight gradients split out of
+    one backward per micro-batch) or k_backward (the reference: one backward per language; under
+    pipeline parallelism, one pipeline micro-batch per language)."""
     from megavac.pergrad.ds_adapter import is_pipeline_engine
 
     if kind not in COLLECTORS:
         raise ValueError(f"collector must be one of {COLLECTORS}, got {kind!r}")
-    if is_pipeline_engine(engine):
-        return PipelineCollector(engine, num_langs)
+    pipeline = is_pipeline_engine(engine)
     if kind == "one_backward":
-        from megavac.pergrad.one_backward import OneBackwardCollector
+        from megavac.pergrad.one_backward import OneBackwardCollector, PipelineOneBackwardCollector
 
+        if pipeline:
+            return PipelineOneBackwardCollector(engine, num_langs)
         return OneBackwardCollector(engine, num_langs, pad_id, label_smoothing)
+    if pipeline:
+        return PipelineCollector(engine, num_langs)
     return KBackwardCollector(engine, num_langs, pad_id, label_smoothing)

@@ -32,6 +32,7 @@ time), on top of the slices' P × (model / data-parallel ranks) fp32.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -88,37 +89,56 @@ class _TappedLinear(torch.autograd.Function):
     third of a backward's FLOPs) is not done twice."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, taps, owner):
+    def forward(ctx, x, weight, bias, taps, owner, micro):
         ctx.save_for_backward(x, weight)
-        ctx.taps, ctx.owner, ctx.has_bias = taps, owner, bias is not None
+        ctx.taps, ctx.owner, ctx.micro, ctx.has_bias = taps, owner, micro, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         gx = g @ weight if ctx.needs_input_grad[0] else None
-        ctx.taps.linear(ctx.owner, weight, x, g)
+        ctx.taps.linear(ctx.owner, weight, x, g, ctx.micro)
         return gx, torch.zeros_like(weight), (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-                                              if ctx.has_bias else None), None, None
+                                              if ctx.has_bias else None), None, None, None
+
+
+@dataclass
+class _Micro:
+    """One micro-batch's language layout, which the taps capture at its forward: under a pipeline the
+    backward of micro-batch i may run after the forward of micro-batch i + 1."""
+
+    segs: list
+    """(slice row, first batch row, end batch row) of every language in the micro-batch."""
+    held: list
+    """Per data-parallel rank: the slice rows it holds in this micro-batch (who sends what)."""
+    uses: dict = field(default_factory=lambda: defaultdict(int))
+    """Parameter -> forward uses still to come back in the backward."""
+    acc: dict = field(default_factory=dict)
+    """Parameter -> summed contributions awaiting the last one."""
+
+    def done(self) -> bool:
+        return not self.acc and all(v == 0 for v in self.uses.values())
 
 
 class _Taps:
     """Per-language parameter gradients out of one backward: tapped forwards for the GEMM layers (Linear,
     the tied output projection), forward/tensor hooks for the cheap ones (LayerNorm, Embedding), whose
-    plain gradients autograd still computes."""
+    plain gradients autograd still computes. Each forward use records the collector's current
+    ``micro`` (its language layout); its backward reads that one."""
 
     def __init__(self, module: nn.Module, collector: "OneBackwardCollector"):
         self.c = collector
         self.handles, self.patched = [], []
-        self.uses = defaultdict(int)  # parameter -> forward uses still to come back in the backward
-        self.acc: dict[nn.Parameter, torch.Tensor] = {}  # summed contributions awaiting the last one
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 self._patch(m, "forward", lambda x, m=m: self._linear_forward(m, x))
             elif isinstance(m, (nn.LayerNorm, nn.Embedding)):
                 self.handles.append(m.register_forward_hook(self._forward))
-        # The tied output projection logits = y Eᵀ (Transformer.project) is no module of its own.
-        self._patch(module, "project", lambda y, m=module: self._projection_forward(m.embed.weight, y))
+            # The tied output projection logits = y Eᵀ (``project`` of the Transformer, or of the
+            # pipeline's embedding layer on the last stage) is no module of its own.
+            if callable(getattr(m, "project", None)) and hasattr(m, "embed"):
+                self._patch(m, "project", lambda y, m=m: self._projection_forward(m.embed.weight, y))
 
     def _patch(self, obj, name, fn):
         setattr(obj, name, fn)  # an instance attribute shadows the class's method until ``close``
@@ -134,31 +154,33 @@ class _Taps:
     def _linear_forward(self, m, x):
         if not torch.is_grad_enabled():
             return F.linear(x, m.weight, m.bias)
+        micro = self.c.micro
         for p in (m.weight, m.bias):
             if p is not None:
-                self.uses[p] += 1
-        return _TappedLinear.apply(x, m.weight, m.bias, self, m)
+                micro.uses[p] += 1
+        return _TappedLinear.apply(x, m.weight, m.bias, self, m, micro)
 
     def _projection_forward(self, w, y):
         if not torch.is_grad_enabled():
             return F.linear(y, w)
-        self.uses[w] += 1
-        return _TappedLinear.apply(y, w, None, self, None)
+        micro = self.c.micro
+        micro.uses[w] += 1
+        return _TappedLinear.apply(y, w, None, self, None, micro)
 
     def _forward(self, m, inputs, output):
         if not torch.is_grad_enabled():
             return
-        x = inputs[0].detach()
+        x, micro = inputs[0].detach(), self.c.micro
         for p in (m.weight, getattr(m, "bias", None)):
             if p is not None:
-                self.uses[p] += 1
-        output.register_hook(lambda g, m=m, x=x: self._backward(m, x, g))
+                micro.uses[p] += 1
+        output.register_hook(lambda g, m=m, x=x, micro=micro: self._backward(m, x, g, micro))
 
     # ------------------------------------------------------------------------------ backward
     # Each rule gives ``_emit`` grads(r0, r1) -> fp32 [r1 - r0, numel]: the parameter's gradients for the
     # languages in rows r0..r1 of the slices (zero for those absent from this micro-batch), so that big
     # parameters are computed a chunk of languages at a time.
-    def linear(self, m, weight, x, g):
+    def linear(self, m, weight, x, g, micro):
         """Called by ``_TappedLinear.backward``: ``m`` the Linear (None: the tied projection, whose
         weight is the embedding's)."""
         w = weight if m is None else m.weight
@@ -169,19 +191,19 @@ class _Taps:
                     dst.addmm_(gk.T, xk)
                 else:
                     torch.mm(gk.T, xk, out=dst)
-            self._emit_direct(w, weight.shape, gemm)
+            self._emit_direct(w, weight.shape, gemm, micro)
         else:
-            self._emit(w, self._grouped(w, lambda bounds: _grouped_outer(g, x, bounds)))
+            self._emit(w, self._grouped(w, lambda bounds: _grouped_outer(g, x, bounds), micro), micro)
         if m is not None and m.bias is not None:
-            self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]))
+            self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]), micro)
 
-    def _backward(self, m, x, g):
+    def _backward(self, m, x, g, micro):
         if isinstance(m, nn.LayerNorm):
             xhat = F.layer_norm(x.float(), m.normalized_shape, eps=m.eps)
             if m.weight is not None:
-                self._emit_rule(m.weight, lambda a, b: _token_sum(g[a:b] * xhat[a:b]))
+                self._emit_rule(m.weight, lambda a, b: _token_sum(g[a:b] * xhat[a:b]), micro)
             if m.bias is not None:
-                self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]))
+                self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]), micro)
             return
         # nn.Embedding: row-wise scatter of δ at the token ids (none for the padding row)
         V, d = m.num_embeddings, m.embedding_dim
@@ -198,17 +220,19 @@ class _Taps:
                 if not acc:
                     dst.zero_()
                 dst.index_add_(0, *ids_and_rows(a, b))
-            self._emit_direct(m.weight, (V, d), scatter)
+            self._emit_direct(m.weight, (V, d), scatter, micro)
         else:
             self._emit(m.weight, self._per_language(
-                m.weight, lambda a, b: torch.zeros(V, d, device=g.device).index_add_(0, *ids_and_rows(a, b))))
+                m.weight, lambda a, b: torch.zeros(V, d, device=g.device).index_add_(0, *ids_and_rows(a, b)), micro),
+                micro)
 
-    def _emit_rule(self, p, one):
+    def _emit_rule(self, p, one, micro):
         """Emit ``one(a, b)``, the (small) gradient of ``p`` from batch rows a..b of one language."""
         if self._direct(p):
-            self._emit_direct(p, (self.c.numel_of(p),), lambda dst, a, b, acc: (dst.add_ if acc else dst.copy_)(one(a, b)))
+            self._emit_direct(p, (self.c.numel_of(p),), lambda dst, a, b, acc: (dst.add_ if acc else dst.copy_)(one(a, b)),
+                              micro)
         else:
-            self._emit(p, self._per_language(p, one))
+            self._emit(p, self._per_language(p, one, micro), micro)
 
     # One rank: every language's gradient goes straight into its row of the slices (the whole parameter
     # is this rank's one fragment), written by the step's first contribution and added by later ones: no
@@ -216,14 +240,14 @@ class _Taps:
     def _direct(self, p) -> bool:
         return self.c.direct_segment(p) is not None
 
-    def _emit_direct(self, p, shape, write):
+    def _emit_direct(self, p, shape, write, micro):
         """``write(dst, a, b, accumulate)`` puts language rows a..b's gradient of ``p`` into ``dst`` (a
         view of shape ``shape`` of its slice row), over it or added to it."""
         s, slices = self.c.direct_segment(p), self.c.slices
         first = p not in self.c.started
-        self.uses[p] -= 1
+        micro.uses[p] -= 1
         seen = set()
-        for r, a, b in self.c.segment_rows:
+        for r, a, b in micro.segs:
             write(slices[r, s.start:s.start + s.numel].view(shape), a, b, not first)
             seen.add(r)
         if first:
@@ -231,54 +255,53 @@ class _Taps:
                 slices[r, s.start:s.start + s.numel] = 0
             self.c.started.add(p)
 
-    def _per_language(self, p, one):
-        """grads(r0, r1) from ``one(a, b)``, the gradient of ``p`` from batch rows a..b (one language)."""
-        segs, numel = self.c.segment_rows, self.c.numel_of(p)
+    # Each rule below gives ``_emit`` grads(rows) -> fp32 [len(rows), numel]: the parameter's gradients
+    # for the languages of slice rows ``rows`` (all in this micro-batch, ascending), so that big
+    # parameters are computed a chunk of languages at a time and only the languages a rank holds.
+    def _per_language(self, p, one, micro):
+        """grads(rows) from ``one(a, b)``, the gradient of ``p`` from batch rows a..b (one language)."""
+        bounds, numel = {r: (a, b) for r, a, b in micro.segs}, self.c.numel_of(p)
 
-        def grads(r0, r1):
-            out = torch.zeros(r1 - r0, numel, dtype=torch.float32, device=self.c.partition.device)
-            for r, a, b in segs:
-                if r0 <= r < r1:
-                    out[r - r0] = one(a, b).reshape(-1)
-            return out
+        def grads(rows):
+            if not rows:
+                return torch.zeros(0, numel, device=self.c.partition.device)
+            return torch.stack([one(*bounds[r]).reshape(-1).float() for r in rows])
         return grads
 
-    def _grouped(self, p, many):
-        """grads(r0, r1) from ``many(bounds)``, the gradients [n, ...] of ``p`` from each (a, b) of
+    def _grouped(self, p, many, micro):
+        """grads(rows) from ``many(bounds)``, the gradients [n, ...] of ``p`` from each (a, b) of
         ``bounds`` (adjacent batch-row ranges of consecutive languages) in one call."""
-        segs, numel = self.c.segment_rows, self.c.numel_of(p)
+        bounds, numel = {r: (a, b) for r, a, b in micro.segs}, self.c.numel_of(p)
 
-        def grads(r0, r1):
-            mine = [(r, a, b) for r, a, b in segs if r0 <= r < r1]
-            if len(mine) == r1 - r0:  # every language of the chunk is in this micro-batch: no zero rows
-                return many([(a, b) for _, a, b in mine]).reshape(r1 - r0, numel)
-            out = torch.zeros(r1 - r0, numel, dtype=torch.float32, device=self.c.partition.device)
-            if mine:
-                out[[r - r0 for r, _, _ in mine]] = many([(a, b) for _, a, b in mine]).reshape(len(mine), numel)
-            return out
+        def grads(rows):
+            if not rows:
+                return torch.zeros(0, numel, device=self.c.partition.device)
+            return many([bounds[r] for r in rows]).reshape(len(rows), numel)
         return grads
 
-    def _emit(self, p, grads):
+    def _emit(self, p, grads, micro):
         """One contribution of this micro-batch to parameter ``p``'s per-language gradients. While the
         P languages' gradients of ``p`` fit ``BUDGET`` elements, contributions are summed and reduced once
         after the last (the tied embedding has three: two embeddings and the output projection); a bigger
         parameter is computed and reduced a chunk of languages at a time, once per contribution, so the
         transient memory stays ``BUDGET`` elements. Every rank decides alike (P and numel are global)."""
         P, numel = self.c.num_rows, self.c.numel_of(p)
-        self.uses[p] -= 1
+        micro.uses[p] -= 1
         first = p not in self.c.started  # the step's first reduction into p's columns overwrites them
+        mine = [r for r, _, _ in micro.segs]
         if P * numel <= BUDGET:
-            prev = self.acc.pop(p, None)
-            total = grads(0, P) if prev is None else prev.add_(grads(0, P))
-            if self.uses[p] == 0:
-                self.c.reduce_into_slices(p, total, 0, first)
+            prev = micro.acc.pop(p, None)
+            total = grads(mine) if prev is None else prev.add_(grads(mine))
+            if micro.uses[p] == 0:
+                self.c.reduce_into_slices(p, total, 0, P, first, micro.held)
                 self.c.started.add(p)
             else:
-                self.acc[p] = total
+                micro.acc[p] = total
             return
         chunk = max(1, BUDGET // numel)
         for r0 in range(0, P, chunk):
-            self.c.reduce_into_slices(p, grads(r0, min(P, r0 + chunk)), r0, first)
+            r1 = min(P, r0 + chunk)
+            self.c.reduce_into_slices(p, grads([r for r in mine if r0 <= r < r1]), r0, r1 - r0, first, micro.held)
         self.c.started.add(p)
 
 
@@ -331,36 +354,36 @@ class OneBackwardCollector(GradCollector):
     def numel_of(self, p) -> int:
         return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are partitioned: ds_numel is the full size
 
-    def reduce_into_slices(self, p, grads: torch.Tensor, row0: int, first: bool = False) -> None:
-        """grads [n, numel]: this rank's gradients of ``p`` for the languages of slice rows row0..row0+n
-        (zero rows for languages this rank lacks in the micro-batch) -> this rank's fragments of their
-        data-parallel average, added into those rows of the slices (``first``: written over them; only
-        a single rank skips zeroing the slices, since its every reduction covers every row).
+    def reduce_into_slices(self, p, grads: torch.Tensor, row0: int, n: int, first: bool, held: list) -> None:
+        """grads [m, numel]: this rank's gradients of ``p`` for the m languages it holds among slice rows
+        row0..row0+n (``held``: per rank, the rows it holds in the micro-batch) -> this rank's fragments
+        of their data-parallel average, added into those rows of the slices (``first``: the step's first
+        reduction into p's columns, which are zeroed first unless the slices were).
 
         One all-to-all: each rank sends every other rank that rank's fragment columns of the rows of the
         languages it HOLDS in this micro-batch, and adds what it receives into its own fragments. Bytes
         per rank: (languages held) × numel × (N−1)/N × 4, i.e. one reduce-scatter per language held (an
         all-reduce of all rows would move twice that for every language of the step); under
         language-affine dealing a rank holds one language or few."""
-        n, k = grads.shape[0], self._index[id(p)]
+        k = self._index[id(p)]
         segs = self._segments.get(k, ())
+        held = [[r for r in rows if row0 <= r < row0 + n] for rows in held]  # slice rows, per rank
         if self._dp == 1:
-            rows = self.slices[row0:row0 + n]
             for s in segs:
-                dst, src = rows[:, s.start:s.start + s.numel], grads[:, s.offset:s.offset + s.numel]
-                (dst.copy_ if first else dst.add_)(src)
+                if first:
+                    self.slices[row0:row0 + n, s.start:s.start + s.numel] = 0
+                self.slices[held[0], s.start:s.start + s.numel] += grads[:, s.offset:s.offset + s.numel]
             return
-        held = [[r for r in rows if row0 <= r < row0 + n] for rows in self._held]  # slice rows, per rank
         mine = held[self._me]
-        rows_out = grads if len(mine) == n else grads[[r - row0 for r in mine]]
-        parts, in_splits = [], []
+        assert grads.shape[0] == len(mine), (grads.shape, len(mine))
+        in_splits = [len(mine) * sum(numel for _, numel in frags) for frags in self._frags[k]]
+        send, pos = grads.new_empty(sum(in_splits)), 0
         for frags in self._frags[k]:
             for off, numel in frags:
-                parts.append(rows_out[:, off:off + numel].reshape(-1))
-            in_splits.append(len(mine) * sum(numel for _, numel in frags))
+                send[pos:pos + len(mine) * numel].view(len(mine), numel).copy_(grads[:, off:off + numel])
+                pos += len(mine) * numel
         width = sum(numel for _, numel in self._frags[k][self._me])
         out_splits = [len(rows) * width for rows in held]
-        send = torch.cat(parts) if parts else grads.new_zeros(0)
         recv = grads.new_empty(sum(out_splits))
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self._group)
         self.bytes_sent += (sum(in_splits) - in_splits[self._me]) * send.element_size()
@@ -375,15 +398,16 @@ class OneBackwardCollector(GradCollector):
                 self.slices[rows, s.start:s.start + s.numel] += block[:, col:col + s.numel]
                 col += s.numel
 
-    def collect(self, batches: list) -> LanguageGrads:
+    def _begin(self, batches: list) -> tuple[list[_Micro], torch.Tensor, torch.Tensor]:
+        """The step's layout: one ``_Micro`` per micro-batch, the languages present on any rank (the
+        slice rows, in language order) and the presence mask; the slices are made ready."""
         self._check_batches(batches)
-        K, part, engine = self.num_langs, self.partition, self.engine
-        dev = part.device
+        K = self.num_langs
         # Which languages every rank holds in every micro-batch (one small all-gather per step): the
         # languages present, and who sends which rows in the all-to-alls.
         held = torch.zeros(len(batches), K, dtype=torch.uint8)
         for m, batch in enumerate(batches):
-            held[m, list(batch.segments)] = 1
+            held[m, [k for k, (a, b) in batch.segments.items() if b > a]] = 1
         every = [held]
         if self._dp > 1:
             every = [torch.empty_like(held) for _ in range(self._dp)]
@@ -397,17 +421,29 @@ class OneBackwardCollector(GradCollector):
         # overwriting: no need to zero P × (model size) first (padding columns are never written: zero).
         self.slices = self._zeroed_rows(len(rows)) if self._dp > 1 else self._rows(len(rows))
         self.started = set()
-        tally = LossTally(K, device=dev)
+        micros = [_Micro(_segment_rows(b.segments, rows),
+                         [[rows[int(k)] for k in torch.nonzero(every[r, m]).flatten().tolist()] for r in range(self._dp)])
+                  for m, b in enumerate(batches)]
+        return micros, langs_all, present
+
+    def _finish(self, micros: list[_Micro]) -> None:
+        assert all(m.done() for m in micros), "a tapped parameter got no gradient"
+        for p, k in self._params:
+            if p not in self.started:  # no gradient this step (an unused parameter): its columns are zero
+                for s in self._segments.get(k, ()):
+                    self.slices[:, s.start:s.start + s.numel] = 0
+
+    def collect(self, batches: list) -> LanguageGrads:
+        K, part, engine = self.num_langs, self.partition, self.engine
+        micros, langs_all, present = self._begin(batches)
+        tally = LossTally(K, device=part.device)
         taps = _Taps(engine.module, self)
         try:
             for m, batch in enumerate(batches):
-                self.segment_rows = _segment_rows(batch.segments, rows)
-                self._held = [[rows[int(k)] for k in torch.nonzero(every[r, m]).flatten().tolist()]
-                              for r in range(self._dp)]
+                self.micro = micros[m]
                 part.force_boundary()
                 loss_k, nll_k, ntok_k = forward_losses(engine, batch, K, self.pad_id, self.label_smoothing)
                 engine.backward(loss_k.sum())
-                assert not taps.acc and all(v == 0 for v in taps.uses.values()), "a tapped parameter got no gradient"
                 part.zero_()
                 if m < len(batches) - 1:
                     engine.set_gradient_accumulation_boundary(False)
@@ -415,8 +451,45 @@ class OneBackwardCollector(GradCollector):
                 tally.add(loss_k, nll_k, ntok_k, batch.ntokens)
         finally:
             taps.close()
-        for p, k in self._params:
-            if p not in self.started:  # no gradient this step (an unused parameter): its columns are zero
-                for s in self._segments.get(k, ()):
-                    self.slices[:, s.start:s.start + s.numel] = 0
+        self._finish(micros)
         return LanguageGrads(self.slices, langs_all, present, tally)
+
+
+class PipelineOneBackwardCollector(OneBackwardCollector):
+    """The one-backward collector inside pipeline stages: DeepSpeed's 1F1B schedule runs over the plain
+    micro-batches (not one per language, as ``PipelineCollector`` does) and each stage's taps split its
+    weight gradients by language. Each stage's forward of micro-batch i (counted by a forward pre-hook;
+    every stage runs them in order) takes micro-batch i's language layout; the reductions go into the
+    pipeline partition's fragments (1/dp of each parameter) inside the backward, every data-parallel
+    rank of a stage reducing the same parameters in the same order. The tied embedding's fragments
+    are then summed over its two stages (``reduce_rows``)."""
+
+    def __init__(self, engine, num_langs: int, partition: GradPartition | None = None):
+        from megavac.model.pipeline import PipelineRunner
+
+        runner = PipelineRunner(engine)
+        super().__init__(engine, num_langs, runner.loss.pad_id, runner.loss.smoothing, partition)
+        self.runner = runner
+
+    def collect(self, batches: list) -> LanguageGrads:
+        from megavac.model.pipeline import pipeline_items
+
+        part, loss = self.partition, self.runner.loss
+        micros, langs_all, present = self._begin(batches)
+        forwards = iter(micros)
+
+        def next_micro(*_):
+            self.micro = next(forwards)
+
+        hook = self.engine.module.register_forward_pre_hook(next_micro)
+        taps = _Taps(self.engine.module, self)
+        try:
+            loss.begin(None)
+            part.zero_()
+            part.run_backward_schedule(pipeline_items(batches), lambda i: part.zero_())
+        finally:
+            taps.close()
+            hook.remove()
+        self._finish(micros)
+        part.reduce_rows(self.slices)
+        return LanguageGrads(self.slices, langs_all, present, loss.tally)

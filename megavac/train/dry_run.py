@@ -399,7 +399,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         slice_elems = stage_params // dp
         extra = per_batch * slice_elems * 4
         plan.memory.append((f"per-language slices ({per_batch} of {K} languages)", extra, None))
-        if pipeline_stages > 1:
+        if pipeline_stages > 1 and method.collector == "k_backward":
             cost = "one forward and backward per sentence (each language's rows are a pipeline micro-batch)"
         elif method.collector == "one_backward":
             from megavac.pergrad.one_backward import BUDGET
