@@ -15,9 +15,9 @@ one-backward collector [1bw] (per-language weight gradients split out of one bac
 K-backward reference [Kbw] (one backward per language). Printed: median seconds of monolithic, each method's median as a
 ratio to it, the Gram path's phase split, and the extra memory per rank (the K gradient slices).
 
-With --pipeline-stages S the model is megavac's pipeline form (S stages, ZeRO-1) and the collector the
-pipelined one (each language's rows of the batch are one pipeline micro-batch: one forward and one
-backward per sentence); "monolithic" is then DeepSpeed's ``train_batch`` on the whole batch.
+With --pipeline-stages S the model is megavac's pipeline form (S stages, ZeRO-1) and the collectors the
+pipelined ones: [1bw] one backward inside the stages, [Kbw] each language's rows of the batch as one
+pipeline micro-batch; "monolithic" is then DeepSpeed's ``train_batch`` on the whole batch.
 """
 from __future__ import annotations
 
@@ -70,6 +70,13 @@ def make_batch(langs: list[int], tokens: int, vocab: int, gen: torch.Generator) 
         tgt_out[i, :len(t) - 1] = t[1:]
     lang = torch.tensor([r[0] for r in rows])
     return Batch(src, tgt_in, tgt_out, lang, segments, int((tgt_out != 0).sum()))
+
+
+def sent(collector) -> int:
+    """Bytes a collector (or its pipeline partition) has sent to other ranks so far."""
+    if collector is None:
+        return 0
+    return getattr(collector, "bytes_sent", 0) + getattr(collector.partition, "bytes_sent", 0)
 
 
 def main():
@@ -143,11 +150,13 @@ def main():
             return engine, {tag: kinds[tag](engine, K, pad_id=0, label_smoothing=0.1) for tag in args.collectors}
         from megavac.model.pipeline import PipelineLoss, make_pipeline_module
         from megavac.pergrad import PipelineCollector
+        from megavac.pergrad.one_backward import PipelineOneBackwardCollector
 
         pipe = make_pipeline_module(cfg, stages, PipelineLoss(K, 0, 0.1))
         pipe.load_plain_state_dict(model.state_dict())
         eng, *_ = deepspeed.initialize(model=pipe, model_parameters=pipe.parameters(), config=ds)
-        return eng, {"pipe": PipelineCollector(eng, K)}
+        kinds = {"1bw": PipelineOneBackwardCollector, "Kbw": PipelineCollector}
+        return eng, {tag: kinds[tag](eng, K) for tag in args.collectors}
 
     engine = None
     if stages == 1:
@@ -174,7 +183,7 @@ def main():
                                              granularity=args.granularity, collector=collector)
         times = {label: [] for label in steps}
         phases = {label: {p: [] for p in PHASES} for label in steps}
-        sent = {label: [] for label in steps}
+        sent_bytes = {label: [] for label in steps}
         dp, dp_rank = world // stages, rank % (world // stages)
         langs = [k for k in range(K) if k % dp == dp_rank] if args.lang_affine else list(range(K))
         for rep in range(args.reps + 1):
@@ -183,7 +192,7 @@ def main():
             order = order[rep % len(order):] + order[:rep % len(order)]
             for label in order:
                 coll = steps[label].collector if label != "monolithic" else None
-                b0 = getattr(coll, "bytes_sent", 0)
+                b0 = sent(coll)
                 t0 = now()
                 if label.startswith("mono-gram"):
                     out = steps[label].gram_step([batch], engine.global_steps)
@@ -192,7 +201,7 @@ def main():
                 dt = now() - t0
                 if rep:
                     times[label].append(dt)
-                    sent[label].append(getattr(coll, "bytes_sent", 0) - b0)
+                    sent_bytes[label].append(sent(coll) - b0)
                     for p, v in out.extra.get("seconds", {}).items():
                         phases[label][p].append(v)
         med = {label: statistics.median(v) for label, v in times.items()}
@@ -230,7 +239,7 @@ def main():
                 tot = sum(statistics.median(phases[label][p]) for p in PHASES)
                 split = "  ".join(f"{statistics.median(phases[label][p]) / tot:>8.1%}" for p in PHASES)
             reductions = K if "Kbw" in label and stages == 1 else 1  # K-backward: one per language present
-            comm = reductions * plain_mb + statistics.median(sent[label]) / 2**20
+            comm = reductions * plain_mb + statistics.median(sent_bytes[label]) / 2**20
             ratio = f"{comm / plain_mb:>7.2f}" if plain_mb else f"{'-':>7}"
             say(f"  {label:<19} {med[label] / base:>7.2f}  {comm:>9.1f}  {ratio}  {split}")
         del collector, collectors, steps

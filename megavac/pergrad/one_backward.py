@@ -393,9 +393,9 @@ class OneBackwardCollector(GradCollector):
                 continue
             block = recv[pos:pos + size].view(len(rows), width).div_(self._dp)  # DeepSpeed averages over ranks
             pos += size
-            col = 0
-            for s in segs:
-                self.slices[rows, s.start:s.start + s.numel] += block[:, col:col + s.numel]
+            col, index = 0, torch.tensor(rows, device=block.device)
+            for s in segs:  # in place on the column view: one pass, no gather/scatter copies
+                self.slices[:, s.start:s.start + s.numel].index_add_(0, index, block[:, col:col + s.numel])
                 col += s.numel
 
     def _begin(self, batches: list) -> tuple[list[_Micro], torch.Tensor, torch.Tensor]:
