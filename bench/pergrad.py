@@ -184,6 +184,7 @@ def main():
         times = {label: [] for label in steps}
         phases = {label: {p: [] for p in PHASES} for label in steps}
         sent_bytes = {label: [] for label in steps}
+        inner = {}  # label -> {"split"/"reduce": [seconds per step]} (one-backward collectors)
         dp, dp_rank = world // stages, rank % (world // stages)
         langs = [k for k in range(K) if k % dp == dp_rank] if args.lang_affine else list(range(K))
         for rep in range(args.reps + 1):
@@ -193,6 +194,7 @@ def main():
             for label in order:
                 coll = steps[label].collector if label != "monolithic" else None
                 b0 = sent(coll)
+                s0 = dict(getattr(coll, "seconds", {}))
                 t0 = now()
                 if label.startswith("mono-gram"):
                     out = steps[label].gram_step([batch], engine.global_steps)
@@ -202,6 +204,8 @@ def main():
                 if rep:
                     times[label].append(dt)
                     sent_bytes[label].append(sent(coll) - b0)
+                    for p, v in getattr(coll, "seconds", {}).items():
+                        inner.setdefault(label, {}).setdefault(p, []).append(v - s0.get(p, 0.0))
                     for p, v in out.extra.get("seconds", {}).items():
                         phases[label][p].append(v)
         med = {label: statistics.median(v) for label, v in times.items()}
@@ -242,6 +246,11 @@ def main():
             comm = reductions * plain_mb + statistics.median(sent_bytes[label]) / 2**20
             ratio = f"{comm / plain_mb:>7.2f}" if plain_mb else f"{'-':>7}"
             say(f"  {label:<19} {med[label] / base:>7.2f}  {comm:>9.1f}  {ratio}  {split}")
+            if label in inner and phases[label]["collect"]:
+                c = statistics.median(phases[label]["collect"])
+                sp, rd = (statistics.median(inner[label].get(p, [0.0])) for p in ("split", "reduce"))
+                say(f"  {'':<19} collect {c * 1e3:.0f} ms = forward+backward {(c - sp - rd) * 1e3:.0f} (plain step "
+                    f"{base * 1e3:.0f}) + per-language split {sp * 1e3:.0f} + reduction {rd * 1e3:.0f}")
         del collector, collectors, steps
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     say(f"\npeak RSS {rss1 / 1024:.0f} MiB (after engine init {rss0 / 1024:.0f} MiB)")

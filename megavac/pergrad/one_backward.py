@@ -31,6 +31,7 @@ time), on top of the slices' P × (model / data-parallel ranks) fp32.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -193,7 +194,7 @@ class _Taps:
                     torch.mm(gk.T, xk, out=dst)
             self._emit_direct(w, weight.shape, gemm, micro)
         else:
-            self._emit(w, self._grouped(w, lambda bounds: _grouped_outer(g, x, bounds), micro), micro)
+            self._emit(w, self._grouped(w, g, x, micro), micro)
         if m is not None and m.bias is not None:
             self._emit_rule(m.bias, lambda a, b: _token_sum(g[a:b]), micro)
 
@@ -223,8 +224,7 @@ class _Taps:
             self._emit_direct(m.weight, (V, d), scatter, micro)
         else:
             self._emit(m.weight, self._per_language(
-                m.weight, lambda a, b: torch.zeros(V, d, device=g.device).index_add_(0, *ids_and_rows(a, b)), micro),
-                micro)
+                m.weight, lambda dst, a, b: dst.view(V, d).zero_().index_add_(0, *ids_and_rows(a, b)), micro), micro)
 
     def _emit_rule(self, p, one, micro):
         """Emit ``one(a, b)``, the (small) gradient of ``p`` from batch rows a..b of one language."""
@@ -232,7 +232,7 @@ class _Taps:
             self._emit_direct(p, (self.c.numel_of(p),), lambda dst, a, b, acc: (dst.add_ if acc else dst.copy_)(one(a, b)),
                               micro)
         else:
-            self._emit(p, self._per_language(p, one, micro), micro)
+            self._emit(p, self._per_language(p, lambda dst, a, b: dst.copy_(one(a, b).reshape(-1)), micro), micro)
 
     # One rank: every language's gradient goes straight into its row of the slices (the whole parameter
     # is this rank's one fragment), written by the step's first contribution and added by later ones: no
@@ -244,6 +244,7 @@ class _Taps:
         """``write(dst, a, b, accumulate)`` puts language rows a..b's gradient of ``p`` into ``dst`` (a
         view of shape ``shape`` of its slice row), over it or added to it."""
         s, slices = self.c.direct_segment(p), self.c.slices
+        write = self.c.timed("split", write)
         first = p not in self.c.started
         micro.uses[p] -= 1
         seen = set()
@@ -258,25 +259,35 @@ class _Taps:
     # Each rule below gives ``_emit`` grads(rows) -> fp32 [len(rows), numel]: the parameter's gradients
     # for the languages of slice rows ``rows`` (all in this micro-batch, ascending), so that big
     # parameters are computed a chunk of languages at a time and only the languages a rank holds.
-    def _per_language(self, p, one, micro):
-        """grads(rows) from ``one(a, b)``, the gradient of ``p`` from batch rows a..b (one language)."""
+    # grads(rows, out) writes into ``out`` (a flat buffer of len(rows) × numel, reused across
+    # parameters so that big temporaries are not allocated, and page-faulted, per parameter) when given.
+    def _per_language(self, p, write, micro):
+        """grads(rows, out) from ``write(dst, a, b)``, which puts the gradient of ``p`` from batch rows a..b
+        (one language) into the flat ``dst``."""
         bounds, numel = {r: (a, b) for r, a, b in micro.segs}, self.c.numel_of(p)
 
-        def grads(rows):
-            if not rows:
-                return torch.zeros(0, numel, device=self.c.partition.device)
-            return torch.stack([one(*bounds[r]).reshape(-1).float() for r in rows])
+        def grads(rows, out=None):
+            dst = (out if out is not None else torch.empty(len(rows) * numel, device=self.c.partition.device))
+            dst = dst.view(len(rows), numel)
+            for i, r in enumerate(rows):
+                write(dst[i], *bounds[r])
+            return dst
         return grads
 
-    def _grouped(self, p, many, micro):
-        """grads(rows) from ``many(bounds)``, the gradients [n, ...] of ``p`` from each (a, b) of
-        ``bounds`` (adjacent batch-row ranges of consecutive languages) in one call."""
-        bounds, numel = {r: (a, b) for r, a, b in micro.segs}, self.c.numel_of(p)
+    def _grouped(self, w, g, x, micro):
+        """grads(rows, out) of a linear map's weight ``w`` (δ ``g``, input ``x``): with ``out``, one GEMM
+        per language into it; without, one grouped GEMM over the languages' adjacent token ranges."""
+        bounds, numel = {r: (a, b) for r, a, b in micro.segs}, self.c.numel_of(w)
 
-        def grads(rows):
+        def grads(rows, out=None):
             if not rows:
                 return torch.zeros(0, numel, device=self.c.partition.device)
-            return many([bounds[r] for r in rows]).reshape(len(rows), numel)
+            if out is None:  # GPUs: one grouped GEMM (its output comes from the caching allocator)
+                return _grouped_outer(g, x, [bounds[r] for r in rows]).reshape(len(rows), numel)
+            dst = out.view(len(rows), g.shape[-1], x.shape[-1])
+            for i, r in enumerate(rows):
+                torch.mm(_tokens(g, *bounds[r]).T, _tokens(x, *bounds[r]), out=dst[i])
+            return dst.view(len(rows), numel)
         return grads
 
     def _emit(self, p, grads, micro):
@@ -289,9 +300,13 @@ class _Taps:
         micro.uses[p] -= 1
         first = p not in self.c.started  # the step's first reduction into p's columns overwrites them
         mine = [r for r, _, _ in micro.segs]
+        grads = self.c.timed("split", grads)
         if P * numel <= BUDGET:
             prev = micro.acc.pop(p, None)
-            total = grads(mine) if prev is None else prev.add_(grads(mine))
+            if prev is None and micro.uses[p] == 0:  # the only contribution: straight to the workspace
+                total = grads(mine, self.c.workspace(len(mine) * numel))
+            else:
+                total = grads(mine) if prev is None else prev.add_(grads(mine))
             if micro.uses[p] == 0:
                 self.c.reduce_into_slices(p, total, 0, P, first, micro.held)
                 self.c.started.add(p)
@@ -301,7 +316,9 @@ class _Taps:
         chunk = max(1, BUDGET // numel)
         for r0 in range(0, P, chunk):
             r1 = min(P, r0 + chunk)
-            self.c.reduce_into_slices(p, grads([r for r in mine if r0 <= r < r1]), r0, r1 - r0, first, micro.held)
+            rows = [r for r in mine if r0 <= r < r1]
+            self.c.reduce_into_slices(p, grads(rows, self.c.workspace(len(rows) * numel)), r0, r1 - r0, first,
+                                      micro.held)
         self.c.started.add(p)
 
 
@@ -339,6 +356,10 @@ class OneBackwardCollector(GradCollector):
                 self._frags[p][r].append((off, n))
         self.bytes_sent = 0
         """Bytes this rank has sent to other ranks in the per-language reduction (for benchmarks)."""
+        self._buffers: dict[str, torch.Tensor | None] = {}
+        self.seconds = defaultdict(float)
+        """Wall seconds spent splitting weight gradients by language ("split", inside the backward) and
+        reducing them ("reduce"), summed over steps (for benchmarks; CPU time on GPUs, kernels are async)."""
 
     # Called by _Taps during the backward.
     def direct_segment(self, p):
@@ -354,7 +375,39 @@ class OneBackwardCollector(GradCollector):
     def numel_of(self, p) -> int:
         return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 parameters are partitioned: ds_numel is the full size
 
+    def buffer(self, name: str, n: int) -> torch.Tensor:
+        """A flat fp32 buffer of ``n`` elements that lives across parameters and steps (grown when
+        needed): the per-language temporaries of one parameter and the all-to-all's send and receive
+        copies, at most ``BUDGET`` (or one parameter's) elements each."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n:
+            self._buffers[name] = None  # free the old one first
+            buf = self._buffers[name] = torch.empty(max(n, 1), dtype=torch.float32, device=self.partition.device)
+        return buf[:n]
+
+    def workspace(self, n: int) -> torch.Tensor | None:
+        """Where one parameter's per-language gradients are computed on CPUs, where a fresh allocation of
+        this size is page-faulted in on every use; None on GPUs (the caching allocator reuses memory)."""
+        return self.buffer("work", n) if self.partition.device.type == "cpu" else None
+
+    def timed(self, phase: str, fn):
+        """``fn`` whose wall time is added to ``self.seconds[phase]`` (benchmarks' phase split)."""
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+        return run
+
     def reduce_into_slices(self, p, grads: torch.Tensor, row0: int, n: int, first: bool, held: list) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._reduce_into_slices(p, grads, row0, n, first, held)
+        finally:
+            self.seconds["reduce"] += time.perf_counter() - t0
+
+    def _reduce_into_slices(self, p, grads: torch.Tensor, row0: int, n: int, first: bool, held: list) -> None:
         """grads [m, numel]: this rank's gradients of ``p`` for the m languages it holds among slice rows
         row0..row0+n (``held``: per rank, the rows it holds in the micro-batch) -> this rank's fragments
         of their data-parallel average, added into those rows of the slices (``first``: the step's first
@@ -374,28 +427,36 @@ class OneBackwardCollector(GradCollector):
                     self.slices[row0:row0 + n, s.start:s.start + s.numel] = 0
                 self.slices[held[0], s.start:s.start + s.numel] += grads[:, s.offset:s.offset + s.numel]
             return
-        mine = held[self._me]
+        mine, me = held[self._me], self._me
         assert grads.shape[0] == len(mine), (grads.shape, len(mine))
-        in_splits = [len(mine) * sum(numel for _, numel in frags) for frags in self._frags[k]]
-        send, pos = grads.new_empty(sum(in_splits)), 0
-        for frags in self._frags[k]:
-            for off, numel in frags:
+        # The all-to-all carries what goes to OTHER ranks; this rank's own fragment columns of its own
+        # rows are added straight from ``grads`` (no copies through the send and receive buffers).
+        in_splits = [0 if d == me else len(mine) * sum(numel for _, numel in frags)
+                     for d, frags in enumerate(self._frags[k])]
+        send, pos = self.buffer("send", sum(in_splits)), 0
+        for d, frags in enumerate(self._frags[k]):
+            for off, numel in frags if d != me else ():
                 send[pos:pos + len(mine) * numel].view(len(mine), numel).copy_(grads[:, off:off + numel])
                 pos += len(mine) * numel
-        width = sum(numel for _, numel in self._frags[k][self._me])
-        out_splits = [len(rows) * width for rows in held]
-        recv = grads.new_empty(sum(out_splits))
+        width = sum(numel for _, numel in self._frags[k][me])
+        out_splits = [0 if d == me else len(rows) * width for d, rows in enumerate(held)]
+        recv = self.buffer("recv", sum(out_splits))
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self._group)
-        self.bytes_sent += (sum(in_splits) - in_splits[self._me]) * send.element_size()
-        pos = 0
-        for rows, size in zip(held, out_splits):
+        self.bytes_sent += sum(in_splits) * send.element_size()
+        scale, pos = 1.0 / self._dp, 0  # DeepSpeed averages over ranks
+        for d, (rows, size) in enumerate(zip(held, out_splits)):
             if not rows:
                 continue
-            block = recv[pos:pos + size].view(len(rows), width).div_(self._dp)  # DeepSpeed averages over ranks
+            index = torch.tensor(rows, device=grads.device)
+            if d == me:
+                for s in segs:  # in place on the column view: one pass
+                    self.slices[:, s.start:s.start + s.numel].index_add_(
+                        0, index, grads[:, s.offset:s.offset + s.numel], alpha=scale)
+                continue
+            block, col = recv[pos:pos + size].view(len(rows), width), 0
             pos += size
-            col, index = 0, torch.tensor(rows, device=block.device)
-            for s in segs:  # in place on the column view: one pass, no gather/scatter copies
-                self.slices[:, s.start:s.start + s.numel].index_add_(0, index, block[:, col:col + s.numel])
+            for s in segs:
+                self.slices[:, s.start:s.start + s.numel].index_add_(0, index, block[:, col:col + s.numel], alpha=scale)
                 col += s.numel
 
     def _begin(self, batches: list) -> tuple[list[_Micro], torch.Tensor, torch.Tensor]:
