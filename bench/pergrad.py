@@ -186,6 +186,8 @@ def main():
         sent_bytes = {label: [] for label in steps}
         inner = {}  # label -> {"split"/"reduce": [seconds per step]} (one-backward collectors)
         dp, dp_rank = world // stages, rank % (world // stages)
+        if args.lang_affine and K < dp:
+            raise SystemExit(f"--lang-affine needs K >= the {dp} data-parallel ranks (each holds K/{dp} languages)")
         langs = [k for k in range(K) if k % dp == dp_rank] if args.lang_affine else list(range(K))
         for rep in range(args.reps + 1):
             batch = make_batch(langs, args.tokens, args.vocab, gen).to(engine.device)
@@ -220,12 +222,12 @@ def main():
             base = med["monolithic"]
         collector = next(iter(collectors.values()))
         slices_mb = K * collector.partition.numel * 4 / 2**20
-        # The 1bw transient: one parameter's per-language gradients (chunked at BUDGET elements), plus
-        # the all-to-all's send and receive copies of them.
+        # The 1bw transient (several ranks; one rank writes straight into the slices): one parameter's
+        # per-language gradients (chunked at BUDGET elements), a running sum, the all-to-all's buffers.
         from megavac.pergrad import one_backward
 
         biggest = max(p.numel() for p in model.parameters())
-        transient_mb = 3 * min(K * biggest, max(one_backward.BUDGET, biggest)) * 4 / 2**20
+        transient_mb = 4 * min(K * biggest, max(one_backward.BUDGET, biggest)) * 4 / 2**20 if dp > 1 else 0.0
         # Communication per rank per step, in units of one plain reduce-scatter of the gradient
         # (P (N-1)/N fp32 elements; DeepSpeed's ZeRO reduction moves about that). Each backward that
         # DeepSpeed reduces costs one unit (K-backward: K of them); 1bw adds its measured all-to-all.

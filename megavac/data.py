@@ -163,8 +163,8 @@ class TemperatureSampler:
     round-robin (rank r takes batches r, r+W, ...). Length-sorting inside a pool keeps padding low
     without changing the sampling distribution.
 
-    ``lang_affine=True`` draws the pool the same way (same RNG calls, so the same languages) but packs each
-    language on its own (``pack_by_language``): nearly every micro-batch then holds one language, so a
+    ``lang_affine=True`` draws each pool the same way (the same sampling probabilities; the first pool's
+    items are identical) but packs each language on its own (``pack_by_language``): nearly every micro-batch then holds one language, so a
     language's gradient lives on the ranks that hold it; only each language's short last batch is pooled into
     a few mixed batches. It changes the stream, so a resumed run must use the same setting.
 

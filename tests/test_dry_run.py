@@ -131,7 +131,8 @@ def test_per_language_slices(tmp_path):
     # One backward: the languages' gradients of one parameter (the tied embedding) exist until reduced.
     from megavac.pergrad.one_backward import BUDGET
 
-    assert 0 < p.numbers["pergrad_transient_bytes"] <= 3 * BUDGET * 4  # the gradients, the all-to-all's send and receive
+    # The gradients, a running sum (tied embedding), the all-to-all's send and receive buffers.
+    assert 0 < p.numbers["pergrad_transient_bytes"] <= 4 * BUDGET * 4
     ref = _plan(tmp_path, method=MethodConfig(method="gradvac", collector="k_backward"), ds="zero2.json", world_size=4)
     assert "pergrad_transient_bytes" not in ref.numbers and ref.numbers["pergrad_bytes"] == p.numbers["pergrad_bytes"]
     assert ref.numbers["total_bytes"] == pytest.approx(p.numbers["total_bytes"] - p.numbers["pergrad_transient_bytes"])

@@ -182,9 +182,10 @@ class PipelineCollector(GradCollector):
                 subs.append(batch.language_rows(k, self.runner.loss.pad_id))
                 order.append(k)
                 here[k] = 1.0
-        if part.dp_size > 1:
+        if part.dp_size > 1:  # on the device: NCCL has no CPU tensors
+            here = here.to(part.device)
             dist.all_reduce(here, group=part.dp_group())
-        present = here > 0
+        present = here.cpu() > 0
         langs_all = torch.nonzero(present).flatten()
         row = {int(k): r for r, k in enumerate(langs_all.tolist())}
         rows = self._zeroed_rows(len(row))

@@ -16,22 +16,24 @@ The taps exist only inside ``OneBackwardCollector.collect`` (monolithic training
 steps never see them). Linear layers and the tied projection run a custom autograd function there
 (``_TappedLinear``): its backward computes δ's input gradient as usual and the per-language weight
 gradients as ONE grouped GEMM (``torch.nn.functional.grouped_mm``, the token dimension split at the
-language boundaries), and gives autograd zeros in place of the plain weight gradient, which the Gram
-step would overwrite anyway: the step does the weight-gradient FLOPs once, not twice. LayerNorm and
+language boundaries; bf16 on GPUs, one GEMM per language elsewhere), and gives autograd zeros in place
+of the plain weight gradient, which the Gram step would overwrite anyway: the step does the weight-gradient FLOPs once, not twice. LayerNorm and
 Embedding gradients are cheap (no GEMM): forward hooks save their input and a tensor hook on their
 output receives δ; their plain gradients are computed too. DeepSpeed's backward runs as usual (it
 reduces what autograd gives it into its partition, which the Gram step overwrites with the combination).
 
 Reduction without K full gradients: as soon as a parameter's last contribution of the micro-batch has
-arrived, its [P, numel] per-language gradients (P = languages present in the step on any rank) are
-all-reduced over the data-parallel group, averaged as DeepSpeed averages, and only this rank's fragments
-(``GradPartition.segments``) are added to the [P, N] slices. The transient memory is P × the largest
-parameter (at most ``BUDGET`` elements: larger ones are computed and reduced a chunk of languages at a
-time), on top of the slices' P × (model / data-parallel ranks) fp32.
+arrived, the gradients of the languages this rank holds go to the owners of their ZeRO fragments
+(``GradPartition.segments``) in ONE all-to-all, averaged as DeepSpeed averages, and are added to the
+[P, N] slices (P = languages present in the step on any rank). The transient memory is one parameter's
+per-language gradients (at most ``BUDGET`` elements: larger ones are computed and reduced a chunk of
+languages at a time) and the all-to-all's buffers, on top of the slices' P × (model / data-parallel
+ranks) fp32. On a single rank the gradients are written straight into the slices (no transient).
 """
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -65,14 +67,25 @@ def _token_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _grouped_outer(g: torch.Tensor, x: torch.Tensor, bounds: list[tuple[int, int]]) -> torch.Tensor:
     """fp32 [n, out, in]: Σ over the tokens of batch rows a..b of g ⊗ x, for each (a, b) of ``bounds``
-    (adjacent row ranges in increasing order): the per-language weight gradients of a linear map, as ONE
-    grouped GEMM whose groups split the token (reduction) dimension."""
+    (adjacent row ranges in increasing order): the per-language weight gradients of a linear map. bf16 on
+    a GPU: ONE grouped GEMM whose groups split the token (reduction) dimension; otherwise one GEMM per
+    language (torch's grouped GEMM has fast kernels for bf16 on CUDA only, with feature sizes that are
+    multiples of 8; elsewhere it falls back to such a loop itself)."""
     a0, L = bounds[0][0], g.shape[1] if g.dim() == 3 else 1
-    gt = g[a0:bounds[-1][1]].reshape(-1, g.shape[-1]).float()
-    xt = x[a0:bounds[-1][1]].reshape(-1, x.shape[-1]).float()
+    gt = g[a0:bounds[-1][1]].reshape(-1, g.shape[-1])
+    xt = x[a0:bounds[-1][1]].reshape(-1, x.shape[-1])
     ends = [(b - a0) * L for _, b in bounds]
-    if _GROUPED_MM is not None:
-        return _GROUPED_MM(gt.T, xt, offs=torch.tensor(ends, dtype=torch.int32, device=gt.device))
+    global _GROUPED_MM
+    if (_GROUPED_MM is not None and gt.is_cuda and gt.dtype == xt.dtype == torch.bfloat16
+            and gt.shape[1] % 8 == 0 and xt.shape[1] % 8 == 0):
+        offs = torch.tensor(ends, dtype=torch.int32).to(gt.device, non_blocking=True)
+        try:
+            return _GROUPED_MM(gt.T, xt, offs=offs).float()
+        except RuntimeError as e:  # a layout this build's kernel refuses: the loop below, from now on
+            warnings.warn(f"torch.nn.functional.grouped_mm refused the per-language GEMM ({e}); using one mm "
+                          "per language")
+            _GROUPED_MM = None
+    gt, xt = gt.float(), xt.float()
     out = gt.new_empty(len(ends), gt.shape[1], xt.shape[1])
     for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends)):
         torch.mm(gt[s:e].T, xt[s:e], out=out[i])
@@ -178,9 +191,6 @@ class _Taps:
         output.register_hook(lambda g, m=m, x=x, micro=micro: self._backward(m, x, g, micro))
 
     # ------------------------------------------------------------------------------ backward
-    # Each rule gives ``_emit`` grads(r0, r1) -> fp32 [r1 - r0, numel]: the parameter's gradients for the
-    # languages in rows r0..r1 of the slices (zero for those absent from this micro-batch), so that big
-    # parameters are computed a chunk of languages at a time.
     def linear(self, m, weight, x, g, micro):
         """Called by ``_TappedLinear.backward``: ``m`` the Linear (None: the tied projection, whose
         weight is the embedding's)."""
@@ -211,9 +221,8 @@ class _Taps:
 
         def ids_and_rows(a, b):
             ids, gs = x[a:b].reshape(-1), g[a:b].reshape(-1, d).float()
-            if m.padding_idx is not None:
-                keep = ids != m.padding_idx
-                ids, gs = ids[keep], gs[keep]
+            if m.padding_idx is not None:  # masked rather than dropped: no host sync on GPUs
+                gs = gs.masked_fill((ids == m.padding_idx)[:, None], 0.0)
             return ids, gs
 
         if self._direct(m.weight):
@@ -401,11 +410,7 @@ class OneBackwardCollector(GradCollector):
         return run
 
     def reduce_into_slices(self, p, grads: torch.Tensor, row0: int, n: int, first: bool, held: list) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._reduce_into_slices(p, grads, row0, n, first, held)
-        finally:
-            self.seconds["reduce"] += time.perf_counter() - t0
+        self.timed("reduce", self._reduce_into_slices)(p, grads, row0, n, first, held)
 
     def _reduce_into_slices(self, p, grads: torch.Tensor, row0: int, n: int, first: bool, held: list) -> None:
         """grads [m, numel]: this rank's gradients of ``p`` for the m languages it holds among slice rows
@@ -435,9 +440,13 @@ class OneBackwardCollector(GradCollector):
                      for d, frags in enumerate(self._frags[k])]
         send, pos = self.buffer("send", sum(in_splits)), 0
         for d, frags in enumerate(self._frags[k]):
-            for off, numel in frags if d != me else ():
-                send[pos:pos + len(mine) * numel].view(len(mine), numel).copy_(grads[:, off:off + numel])
-                pos += len(mine) * numel
+            if d == me or not in_splits[d]:
+                continue
+            block, col = send[pos:pos + in_splits[d]].view(len(mine), -1), 0  # [rows, the rank's fragment columns]
+            for off, numel in frags:
+                block[:, col:col + numel] = grads[:, off:off + numel]
+                col += numel
+            pos += in_splits[d]
         width = sum(numel for _, numel in self._frags[k][me])
         out_splits = [0 if d == me else len(rows) * width for d, rows in enumerate(held)]
         recv = self.buffer("recv", sum(out_splits))
@@ -470,10 +479,11 @@ class OneBackwardCollector(GradCollector):
         for m, batch in enumerate(batches):
             held[m, [k for k, (a, b) in batch.segments.items() if b > a]] = 1
         every = [held]
-        if self._dp > 1:
+        if self._dp > 1:  # on the device: NCCL has no CPU tensors
+            held = held.to(self.partition.device)
             every = [torch.empty_like(held) for _ in range(self._dp)]
             dist.all_gather(every, held, group=self._group)
-        every = torch.stack(every)  # [ranks, micro-batches, K]
+        every = torch.stack(every).cpu()  # [ranks, micro-batches, K]
         present = every.amax((0, 1)) > 0
         langs_all = torch.nonzero(present).flatten()
         rows = {int(k): r for r, k in enumerate(langs_all.tolist())}

@@ -405,9 +405,11 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
             from megavac.pergrad.one_backward import BUDGET
 
             # The per-language gradients of one parameter exist in full only until they are reduced into
-            # the slices, and at most BUDGET elements at a time (the largest tensor: the tied embedding);
-            # the all-to-all that reduces them holds a send and a receive copy of at most that size.
-            transient = 3 * min(per_batch * max(embed, largest), BUDGET) * 4
+            # the slices, at most BUDGET elements at a time (or one row of a larger tensor); the tied
+            # embedding keeps its running sum next to a new contribution, and the all-to-all a send and a
+            # receive buffer of that size. One rank writes straight into the slices: nothing.
+            chunk = min(per_batch * max(embed, largest), max(BUDGET, max(embed, largest)))
+            transient = 4 * chunk * 4 if dp > 1 else 0.0
             plan.memory.append(("per-language gradients of one parameter (transient)", transient, None))
             plan.numbers["pergrad_transient_bytes"] = transient
             cost = "one backward per micro-batch (per-language weight gradients split out of it)"
