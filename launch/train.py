@@ -27,6 +27,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data, train = from_args(DataConfig, args), from_args(TrainConfig, args)
     try:
+        train.check()  # intervals and counts, before anything starts
         method = method_config_from_args(args)  # the method's paper defaults filled in, options validated
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

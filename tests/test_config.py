@@ -105,3 +105,19 @@ def test_each_method_gets_its_papers_defaults_and_owns_its_options():
 def test_method_flags_are_checked_by_name(argv, match):
     with pytest.raises(ValueError, match=match):
         _method(argv)
+
+
+@pytest.mark.parametrize("flag,value", [("--save-interval", "0"), ("--log-interval", "0"), ("--valid-interval", "0"),
+                                        ("--lang-log-interval", "-1"), ("--max-steps", "0"), ("--keep-last", "-1")])
+def test_intervals_and_counts_are_refused_at_start(flag, value, capsys):
+    """An interval of 0 used to pass and fail with ZeroDivisionError after the first update."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_entry", Path(__file__).parents[1] / "launch" / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.main([flag, value, "--dry-run"]) == 2
+    assert f"{flag} must be an integer" in capsys.readouterr().err
+    _, train, _ = parse()
+    train.check()  # the defaults pass
