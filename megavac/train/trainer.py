@@ -25,6 +25,7 @@ from megavac.train.metrics import Metrics
 from megavac.model import Transformer
 from megavac.train.plain_step import PlainStep
 from megavac.train.preemption import Preemption
+from megavac.train.run_lock import RunLock
 from megavac.train.validation import Validator
 
 
@@ -69,6 +70,7 @@ class Trainer:
         self.data_cfg, self.cfg, self.method_cfg = data, train, method
         self.rank, self.world, self.local_rank = distributed.init()
         self.device = distributed.device()
+        self.lock = self._lock_save_dir(train.save_dir)
         if self.rank != 0:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         seed_everything(train.seed)
@@ -248,4 +250,19 @@ class Trainer:
         self.metrics.close()
         if self.preemption.stop_signal is not None:
             self.preemption.finish(self.step, done=self.step >= cfg.max_steps)
+        self.lock.release()
         return val_loss
+
+    def _lock_save_dir(self, save_dir: str) -> RunLock:
+        """Rank 0 takes the run directory's lock; every rank refuses alike when another run holds it."""
+        lock, error = RunLock(save_dir), ""
+        if self.rank == 0:
+            try:
+                taken = lock.acquire()
+                if taken:
+                    print(taken, flush=True)
+            except ValueError as e:
+                error = str(e)
+        if distributed.all_reduce_sum(torch.tensor([float(bool(error))], device=self.device)).item():
+            raise ValueError(error or f"{save_dir} is in use by another run (rank 0 says which)")
+        return lock
