@@ -459,33 +459,34 @@ class _PipelinePartition(GradPartition):
         pass
 
     def reduce_into(self, rows: torch.Tensor, row_of: list[int | None]) -> None:
-        """One all-to-all of one stage gradient (the bytes of a reduce-scatter): data-parallel rank d's
-        ``param.grad`` (the local gradient of one of its language micro-batches) goes, fragment by
-        fragment, to the fragments' owners, each adding it ÷ dp into ``rows[row_of[d]]`` (fp32
+        """One all-to-all of one stage gradient (the bytes of a reduce-scatter; a rank's own fragments are
+        added locally): data-parallel rank d's ``param.grad`` (the local gradient of one of its language
+        micro-batches) goes, fragment by fragment, to the fragments' owners, each adding it ÷ dp into
+        ``rows[row_of[d]]`` (fp32
         [P, numel]); ``row_of[d]`` None: rank d sends nothing this time (it has fewer language
         micro-batches than another rank). Every data-parallel rank of the stage calls it alike."""
         import torch.distributed as dist
 
-        grads = self._grads()
-        if self.dp_size == 1:
-            if row_of[0] is not None:
-                row = rows[row_of[0]]
-                for s in self.segments:
-                    row[s.start:s.start + s.numel] += grads[s.param][s.offset:s.offset + s.numel]
+        grads, me, dp = self._grads(), self.dp_rank, self.dp_size
+        if row_of[me] is not None:  # this rank's own fragments straight from its gradient, not via the all-to-all
+            row = rows[row_of[me]]
+            for s in self.segments:
+                row[s.start:s.start + s.numel].add_(grads[s.param][s.offset:s.offset + s.numel], alpha=1 / dp)
+        if dp == 1:
             return
-        if row_of[self.dp_rank] is None:
-            send, in_splits = rows.new_zeros(0), [0] * self.dp_size
-        else:
-            send = torch.cat([grads[k][lo:hi] for frags in self.fragments for k, lo, hi in frags]).float()
-            in_splits = [sum(hi - lo for _, lo, hi in frags) for frags in self.fragments]
-        out_splits = [0 if r is None else self.numel for r in row_of]
+        sending = row_of[me] is not None
+        send = torch.cat([grads[k][lo:hi] for d, frags in enumerate(self.fragments) if d != me and sending
+                          for k, lo, hi in frags] or [rows.new_zeros(0)]).float()
+        in_splits = [sum(hi - lo for _, lo, hi in frags) if d != me and sending else 0
+                     for d, frags in enumerate(self.fragments)]
+        out_splits = [0 if d == me or r is None else self.numel for d, r in enumerate(row_of)]
         recv = rows.new_empty(sum(out_splits))
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self._dp_group)
-        self.bytes_sent += (sum(in_splits) - in_splits[self.dp_rank]) * 4
+        self.bytes_sent += sum(in_splits) * 4
         pieces = iter(recv.view(-1, self.numel)) if self.numel else iter(())
-        for r in row_of:
-            if r is not None:
-                rows[r] += next(pieces) / self.dp_size
+        for size, r in zip(out_splits, row_of):
+            if size:
+                rows[r].add_(next(pieces), alpha=1 / dp)
 
     def reduce_rows(self, rows: torch.Tensor) -> None:
         """In place: rows already data-parallel averaged by ``reduce_into`` -> DeepSpeed's reduced
