@@ -44,7 +44,13 @@ def main(argv=None):
     except ValueError as e:  # user errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    trainer.train()
+    from megavac.train.divergence import DivergenceError
+
+    try:
+        trainer.train()
+    except DivergenceError as e:  # named step, no checkpoint written for it: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     distributed.shutdown()
     return 0
 

@@ -128,12 +128,18 @@ class TrainConfig:
     """Per-language validation loss every N updates (and at the end)."""
     valid_max_tokens: int = 8192
     """Padded tokens per validation batch."""
+    max_loss: float | None = None
+    """Stop as diverged when a logged training loss exceeds this (nats per token); None: 3 × ln(vocab size),
+    far worse than a uniform guess. Non-finite training or validation losses always stop the run."""
+    max_skipped_steps: int = 50
+    """Stop as diverged after this many consecutive updates DeepSpeed skipped as gradient overflows (the
+    weights then no longer change); fp16's initial loss-scale search skips fewer than this."""
 
     def check(self) -> None:
         """ValueError naming the first flag whose value cannot work (checked before anything starts: an
         interval of 0 would otherwise fail only after the first update)."""
         for name in ("max_steps", "save_interval", "log_interval", "lang_log_interval", "valid_interval",
-                     "valid_max_tokens"):
+                     "valid_max_tokens", "max_skipped_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -141,6 +147,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+        if self.max_loss is not None and not (math.isfinite(self.max_loss) and self.max_loss > 0):
+            raise ValueError(f"--max-loss must be a finite number > 0, got {self.max_loss!r}")
 
 
 def _field_docs(cls) -> dict[str, str]:

@@ -15,7 +15,10 @@ import numpy as np
 import torch
 
 from megavac import distributed
+from megavac.fingerprint import check_data_fingerprint, data_fingerprint
 from megavac.train.checkpoints import Checkpointer
+from megavac.train.divergence import DivergenceGuard
+from megavac.train import resume_check
 from megavac.config import (DataConfig, MethodConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
                             parse_lang_weights, precision_of, run_config_dict)
 from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampling_probs
@@ -137,8 +140,12 @@ class Trainer:
         self.validator = Validator(self.dev_data, train.valid_max_tokens, self.model_cfg.max_positions,
                                    self.dp_rank, self.dp_world, self.device, train.label_smoothing, self.runner)
         self.metrics = Metrics(train.save_dir, self.rank, train.max_steps)
+        self.settings = resume_check.effective_settings(data, train, method, self.model_cfg.to_dict(), self.ds_config)
+        self.guard = DivergenceGuard(train.max_loss or DivergenceGuard.default_max_loss(meta["vocab_size"]),
+                                     train.max_skipped_steps)
         info = {"model": self.model_cfg.to_dict(), "data_dir": str(Path(self.data_dir).resolve()),
-                "langs": self.train_data.names, "world_size": self.world,
+                "data_fingerprint": data_fingerprint(self.data_dir, self.train_data.names),
+                "settings": self.settings, "langs": self.train_data.names, "world_size": self.world,
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config),
                 "method": method.method, "pipeline_stages": self.stages}
         self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
@@ -164,7 +171,39 @@ class Trainer:
         print("sampling probabilities: " + ", ".join(
             f"{n} {p:.3f}" for n, p in zip(self.train_data.names, self.probs)), flush=True)
 
+    def _saved_meta(self) -> tuple[dict, Path] | tuple[None, None]:
+        """megavac.json of the checkpoint ``latest`` names (else of the newest tag folder that has one)."""
+        root = self.checkpointer.root
+        tag = self.checkpointer.read_tag("latest")
+        candidates = ([root / tag] if tag else []) + sorted(
+            (d for d in root.glob("step_*") if d.name[5:].isdigit()), key=lambda d: -int(d.name[5:]))
+        for d in candidates:
+            try:
+                return json.loads((d / "megavac.json").read_text()), d / "megavac.json"
+            except (OSError, ValueError):
+                continue
+        return None, None
+
+    def _check_resume_settings(self) -> dict:
+        """Refuse, by name, a resume on other data or with settings that cannot change; return the
+        settings that change (applied from here on)."""
+        saved, where = self._saved_meta()
+        if saved is None:
+            return {}
+        check_data_fingerprint(saved.get("data_fingerprint"), self.data_dir, f"the run in {self.cfg.save_dir}",
+                               names=self.train_data.names, same_langs=True)
+        return resume_check.compare(saved.get("settings"), self.settings, str(where))
+
+    def _apply_lr(self, lr: float):
+        """The restored schedule keeps the checkpoint's peak lr: rescale it to the new one."""
+        sched = self.engine.lr_scheduler
+        factor = sched.lr_lambdas[0](sched.last_epoch)
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group in self.engine.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
+
     def _resume(self):
+        changed = self._check_resume_settings()
         loaded = self.checkpointer.load_latest(self.engine)
         if loaded is None:
             if self.rank == 0:
@@ -178,8 +217,15 @@ class Trainer:
                                  f"{self.checkpointer.root} holds no method state (it was trained without a method)")
             self.pergrad.load_state_dict(state["method"])
         self.sampler.load_state_dict(rank_state["sampler"])
+        if "lr" in changed:
+            self._apply_lr(changed["lr"][1])
         if self.rank == 0:
             print(f"resumed from step {self.step} ({self.checkpointer.root})", flush=True)
+            for key, (old, new) in changed.items():
+                print(f"--resume: {key} changed from {old!r} to {new!r}; applied from step {self.step + 1}", flush=True)
+            if self.step >= self.cfg.max_steps:
+                print(f"--resume: the checkpoint is at step {self.step} >= --max-steps {self.cfg.max_steps}: "
+                      "nothing to train", flush=True)
 
     def train_step(self) -> LossTally:
         """One optimizer update over ``ga`` micro-batches; returns this rank's per-language loss tally."""
@@ -216,9 +262,8 @@ class Trainer:
                 f"{n} {x:.3f}/{r:.3f}({p:.3f})" for n, x, r, p in zip(self.train_data.names, nll, ratios, self.probs)),
                 flush=True)
 
-    def _finite(self, tally: LossTally) -> LossTally:
-        if not math.isfinite(tally.loss):
-            raise FloatingPointError(f"non-finite training loss in the steps up to {self.step}")
+    def _checked(self, tally: LossTally) -> LossTally:
+        self.guard.check_loss(self.step, tally.loss)
         return tally
 
     def train(self):
@@ -226,31 +271,34 @@ class Trainer:
         window = LossTally(self.K, device=self.device)  # on the device: read only at the log interval
         self.metrics.start(self.step)
         val_loss = None
-        while self.step < cfg.max_steps:
-            window += self.train_step()
-            self.step += 1
-            last = self.step == cfg.max_steps
-            if self.step % cfg.log_interval == 0 or last:
-                g = self._finite(window.all_reduce())
-                self.metrics.progress(self.step, g.loss, self.engine.get_lr()[0], int(g.tokens))
-                if self.step % cfg.lang_log_interval == 0 or last:
-                    self._log_languages(g)
-                window.zero_()
-            saving = self.step % cfg.save_interval == 0 or last
-            if saving:  # the losses since the last progress line, before a checkpoint can be written
-                self._finite(window.all_reduce())
-            if self.step % cfg.valid_interval == 0 or saving:
-                val_loss = self.validate()
-            if saving:
-                self.save(val_loss)
-            if self.preemption.should_stop():  # every rank agrees: same step
-                if not saving:
-                    self.save(None)
-                break
-        self.metrics.close()
+        try:
+            while self.step < cfg.max_steps:
+                window += self.train_step()
+                self.step += 1
+                self.guard.after_step(self.step, self.engine.skipped_steps)
+                last = self.step == cfg.max_steps
+                if self.step % cfg.log_interval == 0 or last:
+                    g = self._checked(window.all_reduce())
+                    self.metrics.progress(self.step, g.loss, self.engine.get_lr()[0], int(g.tokens))
+                    if self.step % cfg.lang_log_interval == 0 or last:
+                        self._log_languages(g)
+                    window.zero_()
+                stopping = self.preemption.should_stop()  # every rank agrees: same step
+                scheduled = self.step % cfg.save_interval == 0 or last
+                if scheduled or stopping:  # the losses since the last progress line, before a checkpoint
+                    self._checked(window.all_reduce())
+                if self.step % cfg.valid_interval == 0 or scheduled:
+                    val_loss = self.validate()
+                    self.guard.check_loss(self.step, val_loss, "the validation loss")
+                if scheduled or stopping:  # preempted: save at once, without a validation pass
+                    self.save(val_loss if scheduled else None)
+                if stopping:
+                    break
+        finally:  # also on divergence: the metrics so far are flushed and the run dir is free again
+            self.metrics.close()
+            self.lock.release()
         if self.preemption.stop_signal is not None:
             self.preemption.finish(self.step, done=self.step >= cfg.max_steps)
-        self.lock.release()
         return val_loss
 
     def _lock_save_dir(self, save_dir: str) -> RunLock:
