@@ -211,10 +211,13 @@ class TemperatureSampler:
         self.cursor[k] += 1
         return i
 
-    def _fill_pool(self):
+    def _fill_pool(self, pool_world: int | None = None, offset: int = 0):
+        """Draw the next pool. ``pool_world``/``offset`` regenerate a pool drawn by a run with another
+        data-parallel size and deal only its batches from ``offset`` on (resharded resume)."""
+        pool_world = pool_world or self.world
         self._pool_start = {"rng": self.rng.bit_generator.state, "epoch": self.epoch.copy(),
-                            "cursor": self.cursor.copy()}
-        budget = self.pool_batches * self.world * self.max_tokens
+                            "cursor": self.cursor.copy(), "world": pool_world, "offset": offset}
+        budget = self.pool_batches * pool_world * self.max_tokens
         p = self.probs
         if self.langs_per_batch:
             chosen = self.rng.choice(len(p), size=self.langs_per_batch, replace=False, p=p)
@@ -235,7 +238,9 @@ class TemperatureSampler:
         perm = self.rng.permutation(len(batches))
         batches = [batches[p] for p in perm]
         # Whole rounds only, so every rank gets the same number of micro-batches per pool.
-        self._pool = batches[: len(batches) // self.world * self.world]
+        batches = batches[: len(batches) // pool_world * pool_world][offset:]
+        self._cut = len(batches) % self.world  # batches that do not fill a last round (resharded resume only)
+        self._pool = batches[: len(batches) - self._cut]
         self._pos = 0
 
     def __iter__(self):
@@ -255,29 +260,63 @@ class TemperatureSampler:
 
     def state_dict(self) -> dict:
         start = self._pool_start
-        return {"seed": self.seed, "world": self.world, "lang_affine": self.lang_affine, "pos": self._pos,
-                "counts": self.counts.tolist(),
+        return {"seed": self.seed, "world": self.world, "rank": self.rank, "lang_affine": self.lang_affine,
+                "pos": self._pos, "counts": self.counts.tolist(),
                 "pool_start": None if start is None else
-                {"rng": start["rng"], "epoch": start["epoch"].tolist(), "cursor": start["cursor"].tolist()}}
+                {"rng": start["rng"], "epoch": start["epoch"].tolist(), "cursor": start["cursor"].tolist(),
+                 "world": start["world"], "offset": start["offset"]}}
 
-    def load_state_dict(self, state: dict):
-        if state["seed"] != self.seed or state["world"] != self.world:
-            raise ValueError(
-                f"sampler state was saved with seed={state['seed']} world={state['world']}, "
-                f"this run has seed={self.seed} world={self.world}; exact resume needs both equal")
+    def _check_compatible(self, state: dict):
         saved = bool(state.get("lang_affine", False))  # states saved before the option existed: off
         if saved != self.lang_affine:
             raise ValueError(f"sampler state was saved with lang_affine={saved}, this run has "
                              f"lang_affine={self.lang_affine}; exact resume needs the same batching")
-        self.counts = np.asarray(state["counts"], dtype=np.int64)
-        start = state["pool_start"]
-        if start is None:
-            return
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state was saved with seed={state['seed']}, this run has seed={self.seed}")
+
+    def _restart_pool(self, start: dict, offset: int = 0):
         self.rng.bit_generator.state = start["rng"]
         self.epoch = np.asarray(start["epoch"], dtype=np.int64)
         self.cursor = np.asarray(start["cursor"], dtype=np.int64)
-        self._fill_pool()
+        self._fill_pool(start.get("world", self.world), start.get("offset", 0) + offset)
+
+    def load_state_dict(self, state: dict):
+        """Exact resume: the same data-parallel size, this rank's own state."""
+        if state["world"] != self.world:
+            raise ValueError(f"sampler state was saved with world={state['world']}, this run has world={self.world}; "
+                             "use load_resharded for another data-parallel size")
+        self._check_compatible(state)
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+        if state["pool_start"] is None:
+            return
+        self._restart_pool(state["pool_start"])
         self._pos = state["pos"]
+
+    def load_resharded(self, states: list[dict]) -> int:
+        """Resume from the states of every data-parallel rank of a run with another data-parallel size.
+
+        The pool being consumed is regenerated as that run drew it; the batches its ranks had not taken yet
+        are dealt out again to this run's ranks, in the same order, and fewer than ``world`` of them (those
+        that do not fill a last round) are dropped. No sample is repeated; the dropped batches are the only
+        ones skipped. Per-language counts (the realised sampling ratios) are carried over on rank 0.
+        Returns the number of dropped batches.
+        """
+        old_world = states[0]["world"]
+        if sorted(s.get("rank", -1) for s in states) != list(range(old_world)):
+            raise ValueError(f"load_resharded needs the sampler state of each of the {old_world} data-parallel "
+                             f"ranks, got ranks {sorted(s.get('rank', -1) for s in states)}")
+        for s in states:
+            self._check_compatible(s)
+        assert len({s["pos"] for s in states}) == 1, "data-parallel ranks disagree on the pool position"
+        counts = np.sum([np.asarray(s["counts"], dtype=np.int64) for s in states], axis=0)
+        self.counts = counts if self.rank == 0 else np.zeros_like(counts)
+        if states[0]["pool_start"] is None:
+            return 0
+        start = {"world": old_world, "offset": 0, **states[0]["pool_start"]}  # states saved before resharding
+        taken = states[0]["pos"] * old_world  # batches of the current pool the old ranks consumed
+        self._restart_pool(start, offset=taken)
+        self._pos = 0
+        return self._cut
 
 
 def eval_batches(ds: MultilingualDataset, max_tokens: int, rank: int, world: int) -> list[list[tuple[int, int]]]:

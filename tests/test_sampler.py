@@ -156,3 +156,46 @@ def test_lang_affine_off_is_the_default_stream():
     streams = [[next(s) for _ in range(40)] for s in (a, b, c)]
     assert streams[0] == streams[1] and streams[0] != streams[2]
     assert a.rng.bit_generator.state == b.rng.bit_generator.state
+
+
+@pytest.mark.parametrize("lang_affine", [False, True])
+def test_resharded_resume_deals_the_rest_of_the_pool_without_repeats(lang_affine):
+    """2 ranks → 1 rank → 2 ranks mid-pool: every batch of a pool is taken at most once, in pool order,
+    and only fewer than `world` batches per change (those that do not fill a last round) are skipped."""
+    p = sampling_probs(SIZES, 5.0)
+    make = lambda rank, world: TemperatureSampler(lengths(), p, 300, seed=4, rank=rank, world=world,
+                                                  pool_batches=8, lang_affine=lang_affine)
+    two = [make(r, 2) for r in range(2)]
+    taken = [b for _ in range(5) for s in two for b in [next(s)]]  # 5 rounds: mid-pool (8 rounds per pool)
+    pool = two[0]._pool  # the whole pool both ranks drew (identical on each)
+    assert taken == pool[:10]
+    one = make(0, 1)
+    dropped = one.load_resharded([s.state_dict() for s in two])
+    assert dropped == 0 and [next(one) for _ in range(3)] == pool[10:13]
+    assert one.counts.sum() == sum(len(b) for b in pool[:13])
+    again = [make(r, 2) for r in range(2)]
+    dropped = [s.load_resharded([one.state_dict()]) for s in again]
+    rounds, cut = divmod(len(pool) - 13, 2)
+    assert rounds >= 1 and dropped == [cut, cut]
+    assert [next(s) for _ in range(rounds) for s in again] == pool[13:13 + 2 * rounds]
+    assert again[0].counts.sum() + again[1].counts.sum() == sum(len(b) for b in pool[:13 + 2 * rounds])
+    assert again[1].counts.sum() == sum(len(b) for b in pool[14:13 + 2 * rounds:2])  # rank 1: its own only
+    # The next pool is a fresh draw for the new world, and each rank's state resumes exactly from there.
+    nxt = [next(again[0]), next(again[1])]
+    assert nxt == again[0]._pool[:2] and again[0]._pool == again[1]._pool
+    twin = make(0, 2)
+    twin.load_state_dict(again[0].state_dict())
+    assert [next(twin) for _ in range(3)] == [next(again[0]) for _ in range(3)]
+
+
+def test_resharded_resume_needs_every_rank_and_the_same_stream():
+    p = sampling_probs(SIZES, 5.0)
+    two = [TemperatureSampler(lengths(), p, 300, seed=4, rank=r, world=2) for r in range(2)]
+    for s in two:
+        next(s)
+    one = TemperatureSampler(lengths(), p, 300, seed=4)
+    with pytest.raises(ValueError, match="each of the 2 data-parallel ranks"):
+        one.load_resharded([two[0].state_dict()])
+    other = TemperatureSampler(lengths(), p, 300, seed=5)
+    with pytest.raises(ValueError, match="seed=4"):
+        other.load_resharded([s.state_dict() for s in two])

@@ -18,7 +18,7 @@ from megavac import distributed
 from megavac.fingerprint import check_data_fingerprint, data_fingerprint
 from megavac.train.checkpoints import Checkpointer
 from megavac.train.divergence import DivergenceGuard
-from megavac.train import resume_check
+from megavac.train import reshard, resume_check
 from megavac.config import (DataConfig, MethodConfig, TrainConfig, load_ds_config, merge_ds_config, model_config,
                             parse_lang_weights, precision_of, run_config_dict)
 from megavac.data import MultilingualDataset, TemperatureSampler, collate, sampling_probs
@@ -91,6 +91,12 @@ class Trainer:
 
         self.ds_config = merge_ds_config(load_ds_config(ds_config_path), train, self.world)
         self.stages = self.ds_config.get("pipeline", {}).get("stages", 1)
+        self.resume_from = self._saved_meta() if train.resume else (None, None)
+        self.reshard = self.resume_from[0] is not None and \
+            reshard.layout(self.resume_from[0]) != (self.world, self.stages)
+        if self.reshard:  # another layout: DeepSpeed's universal checkpoint, which the engine must know at build
+            reshard.check_supported(self.resume_from[0], self.world, self.stages, self.resume_from[1].parent)
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"])
         self.runner = None
         if self.stages > 1:
@@ -150,7 +156,7 @@ class Trainer:
                 "method": method.method, "pipeline_stages": self.stages}
         self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
         self.preemption = Preemption(self.rank, self.device)  # SIGTERM/SIGUSR1: checkpoint, exit, requeue
-        self.step = 0
+        self.step, self._converted = 0, None
         if train.resume:
             self._resume()
         self._announce()
@@ -173,8 +179,9 @@ class Trainer:
 
     def _saved_meta(self) -> tuple[dict, Path] | tuple[None, None]:
         """megavac.json of the checkpoint ``latest`` names (else of the newest tag folder that has one)."""
-        root = self.checkpointer.root
-        tag = self.checkpointer.read_tag("latest")
+        root = Path(self.cfg.save_dir) / "checkpoints"
+        latest = root / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else ""
         candidates = ([root / tag] if tag else []) + sorted(
             (d for d in root.glob("step_*") if d.name[5:].isdigit()), key=lambda d: -int(d.name[5:]))
         for d in candidates:
@@ -187,7 +194,7 @@ class Trainer:
     def _check_resume_settings(self) -> dict:
         """Refuse, by name, a resume on other data or with settings that cannot change; return the
         settings that change (applied from here on)."""
-        saved, where = self._saved_meta()
+        saved, where = self.resume_from
         if saved is None:
             return {}
         check_data_fingerprint(saved.get("data_fingerprint"), self.data_dir, f"the run in {self.cfg.save_dir}",
@@ -204,6 +211,9 @@ class Trainer:
 
     def _resume(self):
         changed = self._check_resume_settings()
+        if self.reshard:
+            self._resume_resharded(changed)
+            return
         loaded = self.checkpointer.load_latest(self.engine)
         if loaded is None:
             if self.rank == 0:
@@ -226,6 +236,30 @@ class Trainer:
             if self.step >= self.cfg.max_steps:
                 print(f"--resume: the checkpoint is at step {self.step} >= --max-steps {self.cfg.max_steps}: "
                       "nothing to train", flush=True)
+
+    def _resume_resharded(self, changed: dict):
+        saved, where = self.resume_from
+        root, tag = self.checkpointer.root, where.parent.name
+        state, samplers = reshard.load(self.engine, root, tag, saved, self.rank, self.dp_rank)
+        self.step = state["step"]
+        self.checkpointer.best_loss = state["best_loss"]
+        if self.pergrad is not None:
+            if "method" not in state:
+                raise ValueError(f"--resume with --method {self.method_cfg.method}: {root / tag} holds no method state")
+            self.pergrad.load_state_dict(state["method"])
+        dropped = self.sampler.load_resharded(samplers)
+        torch.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)  # the old ranks' streams are gone
+        if "lr" in changed:
+            self._apply_lr(changed["lr"][1])
+        self._converted = tag
+        if self.rank == 0:
+            old_world, old_stages = reshard.layout(saved)
+            print(f"resumed from step {self.step} ({root / tag}) on another layout: world_size {old_world} → "
+                  f"{self.world}, pipeline_stages {old_stages} → {self.stages}; weights, optimizer and method "
+                  f"state restored exactly; the data stream was re-dealt ({dropped} micro-batches of the pool in "
+                  f"progress skipped per rank, none repeated); dropout streams seeded anew", flush=True)
+            for key, (old, new) in changed.items():
+                print(f"--resume: {key} changed from {old!r} to {new!r}; applied from step {self.step + 1}", flush=True)
 
     def train_step(self) -> LossTally:
         """One optimizer update over ``ga`` micro-batches; returns this rank's per-language loss tally."""
@@ -250,6 +284,9 @@ class Trainer:
         global_state = {"method": self.pergrad.state_dict()} if self.pergrad is not None else {}
         self.checkpointer.save(self.engine, self.step, global_state=global_state,
                                rank_state={"sampler": self.sampler.state_dict()}, val_loss=val_loss)
+        if self._converted and self.rank == 0:  # the run's own layout is on disk now
+            reshard.remove_conversion(self.checkpointer.root, self._converted)
+            self._converted = None
 
     def _log_languages(self, tally: LossTally):
         nll = tally.mean_nll().tolist()
@@ -283,7 +320,7 @@ class Trainer:
                     if self.step % cfg.lang_log_interval == 0 or last:
                         self._log_languages(g)
                     window.zero_()
-                stopping = self.preemption.should_stop()  # every rank agrees: same step
+                stopping = self.preemption.should_stop(step=self.step)  # every rank agrees: same step
                 scheduled = self.step % cfg.save_interval == 0 or last
                 if scheduled or stopping:  # the losses since the last progress line, before a checkpoint
                     self._checked(window.all_reduce())
