@@ -300,3 +300,16 @@ def test_evaluate_refuses_unknown_tasks_and_foreign_data_dirs(tmp_path):
     (data / "spm.model").unlink()
     with pytest.raises(ValueError, match=r"missing .*spm\.model"):
         evaluate(model, data, tmp_path / "eval", None, quick_opts())
+
+
+def test_evaluation_defaults_to_the_trained_languages(tmp_path):
+    from megavac.evaluation.evaluate import model_langs
+
+    data = tmp_path / "data"
+    make_data_dir(data)
+    assert model_langs({"langs": ["en-zh", "en-de"]}, data) == ["en-zh", "en-de"]  # training order
+    assert model_langs({"langs": ["en-zh", "en-qq"]}, data) == ["en-zh"]
+    assert model_langs({"langs": ["en-zh"]}, data, "de-en") == "de-en"  # --langs wins
+    assert model_langs({}, data) is None  # a checkpoint without "langs": all of the data dir's
+    with pytest.raises(ValueError, match=r"has none of the languages ckpt/step_3 was trained on \(\['en-qq'\]\)"):
+        model_langs({"langs": ["en-qq"], "source": "ckpt/step_3"}, data)

@@ -157,6 +157,20 @@ def test_length_batches():
         length_batches(lengths, 0)
 
 
+def test_length_batches_cap_sentences_too():
+    lengths = [2] * 7 + [5]
+    batches = length_batches(lengths, max_tokens=1000, max_sentences=3)
+    assert [len(b) for b in batches] == [3, 3, 2] and batches[0][0] == 7  # longest first, still
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert length_batches(lengths, max_tokens=1000) == [[7, 0, 1, 2, 3, 4, 5, 6]]
+    assert [len(b) for b in length_batches(lengths, max_tokens=8, max_sentences=3)] == [1, 3, 3, 1]
+    with pytest.raises(ValueError, match="max_sentences"):
+        length_batches(lengths, 10, 0)
+    srcs = sources(n=9, seed=4, vocab=50)
+    cfg = SearchConfig(beam=2)
+    assert translate(Copy(), srcs, cfg, max_tokens=1000, max_sentences=2) == translate(Copy(), srcs, cfg, 1000)
+
+
 def test_source_longer_than_max_positions_is_rejected():
     with pytest.raises(ValueError, match="max_positions"):
         translate(Copy(), [list(range(4, 4 + 70))])

@@ -128,5 +128,28 @@ def load_model_from_checkpoint(path, tag: str | None = None) -> tuple[Transforme
             f"checkpoint {str(root / tag)!r} does not match its megavac.json model config: "
             f"missing={sorted(missing)} unexpected={sorted(unexpected)}"
         )
-    meta = {**meta, "tag": tag, "checkpoint_dir": str((root / tag).resolve()), "checkpoint_root": str(root.resolve())}
+    tag_dir = str((root / tag).resolve())
+    meta = {**meta, "tag": tag, "checkpoint_dir": tag_dir, "checkpoint_root": str(root.resolve()),
+            "kind": "checkpoint", "source": tag_dir}
     return model.float().eval(), meta
+
+
+def load_model(path, tag: str | None = None) -> tuple[Transformer, dict]:
+    """(fp32 model on CPU in eval mode, meta dict) from a checkpoint root, a tag folder or an export file.
+
+    The one loader every consumer uses. For a checkpoint the meta is ``megavac.json`` plus what
+    :func:`load_model_from_checkpoint` adds; for an export file (``megavac.evaluation.export``) it is the
+    same keys taken from the file (``model``, ``data_dir``, ``langs``, ``data_fingerprint``, ``step``,
+    ``tag``: the file's stem) plus ``"export"``, the file's dict without the weights. Both carry ``"kind"``
+    (``checkpoint`` or ``export``) and ``"source"`` (the tag folder or the file: what messages name).
+    """
+    p = Path(path)
+    if p.is_file():
+        from megavac.evaluation.export import load_export, meta_of_export, model_from_export
+
+        if tag is not None:
+            raise ValueError(f"{str(p)!r} is an export file, which holds one model; a tag ({tag!r}) "
+                             "applies to checkpoint roots only")
+        exp = load_export(p)
+        return model_from_export(exp, p), meta_of_export(exp, p)
+    return load_model_from_checkpoint(p, tag)

@@ -226,16 +226,41 @@ class EvalOptions:
             raise ValueError(f"split must be 'test' or 'dev', got {self.split!r}")
 
 
-def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = None, progress=None) -> dict:
+def model_langs(model_meta: dict, data_dir, langs=None) -> list[str] | str | None:
+    """The languages to evaluate: ``langs`` when given, else those the model was trained on
+    (``model_meta["langs"]``, training order) that ``data_dir`` has, else None (all of the data dir's)."""
+    if langs:
+        return langs
+    trained = model_meta.get("langs")
+    if not trained:
+        return None
+    have = {t["name"] for t in load_data_meta(data_dir)["tasks"]}
+    names = [n for n in trained if n in have]
+    if not names:
+        what = model_meta.get("source", "the model")
+        raise ValueError(f"data dir {str(data_dir)!r} has none of the languages {what} was trained on ({trained}); "
+                         "pass the data dir it was trained on")
+    return names
+
+
+def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = None, progress=None,
+             fingerprint: dict | None = None, what: str = "the model") -> dict:
     """Translate and score every selected language; writes ``<out_dir>/hyp.<task>.<split>.txt``.
 
-    ``progress`` is an optional ``rich.progress.Progress`` (already started). Returns the result
-    dict that ``write_json`` stores (without checkpoint fields, which the caller adds).
+    ``progress`` is an optional ``rich.progress.Progress`` (already started). ``fingerprint`` is the
+    model's data fingerprint (``megavac.json``'s or the export's ``data_fingerprint``): a data dir prepared
+    otherwise (another SentencePiece model, other tag ids) is refused, naming ``what``, before anything is
+    decoded. Returns the result dict that ``write_json`` stores (without checkpoint fields, which the
+    caller adds).
     """
     import sentencepiece as spm
 
+    from megavac.fingerprint import check_data_fingerprint
+
     opts = opts or EvalOptions()
     meta = load_data_meta(data_dir)
+    tasks = select_langs(meta, langs, data_dir)
+    check_data_fingerprint(fingerprint, data_dir, what=what, names=[t["name"] for t in tasks])
     if meta["pad_id"] != model.cfg.pad_id:
         raise ValueError(f"data dir {str(data_dir)!r} has pad_id={meta['pad_id']} but the model has {model.cfg.pad_id}")
     if meta["vocab_size"] != model.cfg.vocab_size:
@@ -254,7 +279,7 @@ def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = No
     model.to(opts.device)
 
     rows, skipped, signatures = {}, [], {"bleu": {}, "chrf": None}
-    for task in select_langs(meta, langs, data_dir):
+    for task in tasks:
         src_lines, refs, split = task_lines(data_dir, task, opts.split)
         if not src_lines:
             log.warning("%s: %s is empty; skipping the task", task["name"],

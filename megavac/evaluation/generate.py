@@ -192,20 +192,23 @@ def _gather_beams(prefixes: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tenso
     return prefixes.gather(1, beam_idx[:, :, None].expand(-1, -1, prefixes.shape[2]))
 
 
-def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of at most ``max_tokens`` padded source tokens.
+def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of at most ``max_tokens`` padded source tokens (and at most
+    ``max_sentences`` sentences, when given).
 
     Longest sentences come first, so an out-of-memory error shows up at once rather than at the
     end; a single sentence longer than ``max_tokens`` gets a batch of its own.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_sentences is not None and max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches, cur = [], []
     for i in order:
         # Sorted descending, so the batch's first sentence is its longest.
         width = lengths[cur[0]] if cur else lengths[i]
-        if cur and (len(cur) + 1) * width > max_tokens:
+        if cur and ((len(cur) + 1) * width > max_tokens or (max_sentences is not None and len(cur) >= max_sentences)):
             batches.append(cur)
             cur = []
         cur.append(i)
@@ -221,12 +224,13 @@ def translate(
     max_tokens: int = 4000,
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
+    max_sentences: int | None = None,
 ) -> list[list[int]]:
     """Decode encoder inputs (already framed by ``tokens.source_ids``), in their original order.
 
     Sentences are sorted by length into batches of ``max_tokens`` source tokens (padding
-    included; the beam multiplies the real work by ``beam``). ``progress(n)`` is called after
-    each batch with the number of sentences it held.
+    included; the beam multiplies the real work by ``beam``) and at most ``max_sentences``
+    sentences. ``progress(n)`` is called after each batch with the number of sentences it held.
     """
     cfg = cfg or SearchConfig()
     max_pos = model.cfg.max_positions
@@ -237,7 +241,7 @@ def translate(
     model.eval()
     out: list[list[int] | None] = [None] * len(sources)
     try:
-        for idx in length_batches([len(s) for s in sources], max_tokens):
+        for idx in length_batches([len(s) for s in sources], max_tokens, max_sentences):
             src = _pad([sources[i] for i in idx], cfg.pad_id, device)
             for i, hyp in zip(idx, beam_search(model, src, cfg)):
                 out[i] = hyp
