@@ -176,7 +176,7 @@ def test_language_affine_gradvac_killed_and_resumed_gives_identical_losses(small
     changed = [x for x in extra if x != "--lang-affine"]
     bad = subprocess.run(deepspeed_cmd(2, *args(small_synthetic, killed, "--max-steps", 9, "--resume", *changed)),
                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "lang_affine=True" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "--lang-affine (True → False)" in bad.stdout + bad.stderr
 
 
 @pytest.mark.parametrize("method,ds", [("cats", "ds_configs/zero3.json"), ("pcgrad", "ds_configs/zero2_bf16.json"),
