@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .corpus import (
-    ENGLISH, FILTER_REASONS, Corpus, FileScan, FilterLimits, check_same_length, classify,
+    ENGLISH, FILTER_REASONS, Corpus, FileScan, FilterLimits, LongLineError, check_same_length, classify,
     count_reasons, is_blank, read_range, scan_file,
 )
 
@@ -147,6 +147,13 @@ class ChunkTask:
     """Train filters; None keeps every line (dev/test)."""
     out_prefix: str
     """Chunk files are ``<out_prefix>.<xx|en>.tok`` and ``.len``."""
+    first_line: int = 0
+    """Line number (from 0) of the chunk's first line in its file."""
+    report: FilterLimits | None = None
+    """Dev/test (``limits`` None): lines longer than ``report.max_len`` (in ``report.unit``), which the train
+    filter would drop, are recorded in ``SplitStats.long``; None: not looked for."""
+    max_tokens: int | None = None
+    """Dev/test: lines longer than this many tokens are recorded in ``SplitStats.overlong``; None: no check."""
 
 
 @dataclass
@@ -163,6 +170,14 @@ class SplitStats:
     """Tokens written for the non-English side."""
     tokens_en: int = 0
     """Tokens written for the English side."""
+    long_lines: int = 0
+    """Dev/test lines with a side longer than the train filter's ``max_len`` (``ChunkTask.report``): kept."""
+    long: list[tuple[int, str, int]] = field(default_factory=list)
+    """The first (by line) of them: (line number from 1, longer side ``xx``/``en``, its length)."""
+    overlong_lines: int = 0
+    """Dev/test lines with a side longer than ``ChunkTask.max_tokens`` tokens: refused."""
+    overlong: list[tuple[int, str, int]] = field(default_factory=list)
+    """The first (by line) of them, as in ``long``."""
 
     def add(self, other: "SplitStats") -> None:
         """Accumulate a chunk's statistics."""
@@ -172,6 +187,13 @@ class SplitStats:
         self.tokens_en += other.tokens_en
         for k, v in other.filtered.items():
             self.filtered[k] += v
+        self.long_lines += other.long_lines
+        self.long = sorted(self.long + other.long)[:_OVERLONG_KEPT]
+        self.overlong_lines += other.overlong_lines
+        self.overlong = sorted(self.overlong + other.overlong)[:_OVERLONG_KEPT]
+
+
+_OVERLONG_KEPT = 5  # enough to name in one error line; the count covers the rest
 
 
 _PROCESSORS: dict = {}
@@ -202,6 +224,12 @@ def encode_chunk(task: ChunkTask) -> tuple[ChunkTask, SplitStats]:
     stats = SplitStats(lines=len(xx_lines))
     if task.limits is None:
         keep = np.ones(len(xx_lines), dtype=bool)
+        if task.report is not None:
+            chars = task.report.unit == "chars"
+            a, b = (_lengths(xx_lines), _lengths(en_lines)) if chars else (xx_len, en_len)
+            stats.long_lines, stats.long = _longer_than(a, b, task.report.max_len, task.first_line)
+        if task.max_tokens is not None:
+            stats.overlong_lines, stats.overlong = _longer_than(xx_len, en_len, task.max_tokens, task.first_line)
     else:
         if task.limits.unit == "chars":
             a, b = _lengths(xx_lines), _lengths(en_lines)
@@ -215,6 +243,14 @@ def encode_chunk(task: ChunkTask) -> tuple[ChunkTask, SplitStats]:
     stats.tokens_xx = _write_side(f"{task.out_prefix}.xx", xx_ids, xx_len, keep, dtype)
     stats.tokens_en = _write_side(f"{task.out_prefix}.en", en_ids, en_len, keep, dtype)
     return task, stats
+
+
+def _longer_than(a: np.ndarray, b: np.ndarray, limit: int, first_line: int) -> tuple[int, list]:
+    """Count of lines with a side longer than ``limit``, and the first few as (line from 1, side, length)."""
+    longer = np.maximum(a, b)
+    over = np.flatnonzero(longer > limit)
+    return len(over), [(first_line + int(i) + 1, "xx" if a[i] >= b[i] else "en", int(longer[i]))
+                       for i in over[:_OVERLONG_KEPT]]
 
 
 def _lengths(seqs) -> np.ndarray:
@@ -258,17 +294,22 @@ def _assemble(chunk_prefixes: list[str], side: str, out_prefix: Path) -> None:
 
 def binarize_corpus(scans: dict[str, dict[str, SplitScan]], model: str | Path, bin_dir: str | Path,
                     dtype: str, limits: FilterLimits, pool, chunk_dir: str | Path | None = None,
-                    progress: Progress | None = None) -> dict[str, dict[str, SplitStats]]:
+                    progress: Progress | None = None, max_eval_tokens: int | None = None
+                    ) -> dict[str, dict[str, SplitStats]]:
     """Binarize every scanned split into ``bin_dir/<xx>.<split>.<lang>.{bin,idx}``.
 
-    Only the ``train`` split is filtered. ``progress`` gets line pairs done. Returns
-    ``{code: {split: SplitStats}}``.
+    Only the ``train`` split is filtered; dev/test lines longer than ``limits.max_len`` are kept
+    and counted (``SplitStats.long``). ``progress`` gets line pairs done. Returns
+    ``{code: {split: SplitStats}}``. With ``max_eval_tokens`` a dev/test line longer than that
+    many tokens raises :class:`LongLineError`; dev/test chunks go first, so that happens before
+    the (much larger) train split is encoded.
     """
     bin_dir = Path(bin_dir)
     chunk_dir = Path(chunk_dir) if chunk_dir else bin_dir / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    tasks = list(_chunk_tasks(scans, str(model), dtype, limits, chunk_dir))
+    tasks = list(_chunk_tasks(scans, str(model), dtype, limits, chunk_dir, max_eval_tokens))
     remaining = {(c, s): sc.chunks for c, splits in scans.items() for s, sc in splits.items()}
+    eval_left = sum(n for (_, split), n in remaining.items() if split != "train")
     stats = {c: {s: SplitStats() for s in splits} for c, splits in scans.items()}
     # Splits with zero lines have no chunks: assemble them up front.
     for (code, split), n in remaining.items():
@@ -280,10 +321,45 @@ def binarize_corpus(scans: dict[str, dict[str, SplitScan]], model: str | Path, b
         remaining[key] -= 1
         if remaining[key] == 0:  # assemble as soon as possible so chunk files do not pile up
             _assemble_split(task.pair, task.split, scans[task.pair][task.split].chunks, chunk_dir, bin_dir)
+        if task.split != "train":
+            eval_left -= 1
+            if eval_left == 0 and max_eval_tokens is not None:
+                _refuse_overlong_eval_lines(scans, stats, max_eval_tokens)
         if progress:
             progress(chunk_stats.lines)
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return stats
+
+
+def eval_lines(stats: dict[str, dict[str, SplitStats]], key: str) -> tuple[int, list[tuple[str, str, int, str, int]]]:
+    """Dev/test lines recorded under ``key`` (``long`` or ``overlong``) over all pairs: their count and
+    the first few as (pair, split, line from 1, side, length), in pair, split and line order."""
+    found = [(code, split, *entry) for code, splits in sorted(stats.items())
+             for split, st in sorted(splits.items()) if split != "train" for entry in getattr(st, key)]
+    total = sum(getattr(st, f"{key}_lines") for splits in stats.values() for s, st in splits.items() if s != "train")
+    return total, found[:_OVERLONG_KEPT]
+
+
+def _refuse_overlong_eval_lines(scans, stats, max_tokens: int) -> None:
+    """Raise :class:`LongLineError` naming the first too-long dev/test line and counting the others.
+
+    Refused rather than truncated or dropped, as fairseq refuses a validation example longer than
+    max_positions unless told otherwise: a shortened line would change the dev loss and the
+    references BLEU is computed on, a dropped one the test set itself.
+    """
+    total, shown = eval_lines(stats, "overlong")
+    if not total:
+        return
+    code, split, line, side, n = shown[0]
+    sc = scans[code][split]
+    others = ", ".join(f"{c} {s} line {ln} ({m} tokens)" for c, s, ln, _, m in shown[1:])
+    more = f"; {total - 1} more such line(s): {others}{' ...' if total > len(shown) else ''}" if total > 1 else ""
+    raise LongLineError(
+        f"{getattr(sc, side).path}: line {line} has {n} tokens, more than the {max_tokens} allowed for dev/test "
+        f"lines (--max-eval-tokens); dev/test lines are never filtered or truncated, and validation stops at one "
+        f"longer than the model's max_positions. Remove or shorten line {line} in both {sc.xx.path.name} and "
+        f"{sc.en.path.name}, or raise --max-eval-tokens if the model's max_positions holds it{more}"
+    )
 
 
 def _chunk_prefix(chunk_dir: Path, code: str, split: str, index: int) -> str:
@@ -296,14 +372,20 @@ def _assemble_split(code: str, split: str, chunks: int, chunk_dir: Path, bin_dir
         _assemble(prefixes, side, bin_dir / f"{code}.{split}.{lang}")
 
 
-def _chunk_tasks(scans, model: str, dtype: str, limits: FilterLimits, chunk_dir: Path) -> Iterator[ChunkTask]:
-    for code, splits in scans.items():
-        for split, sc in splits.items():
-            xo, eo = sc.xx.chunk_offsets, sc.en.chunk_offsets
-            for k in range(sc.chunks):
-                yield ChunkTask(
-                    pair=code, split=split, index=k,
-                    xx=(str(sc.xx.path), xo[k], xo[k + 1]), en=(str(sc.en.path), eo[k], eo[k + 1]),
-                    model=model, dtype=dtype, limits=limits if split == "train" else None,
-                    out_prefix=_chunk_prefix(chunk_dir, code, split, k),
-                )
+def _chunk_tasks(scans, model: str, dtype: str, limits: FilterLimits, chunk_dir: Path,
+                 max_eval_tokens: int | None = None) -> Iterator[ChunkTask]:
+    """Dev/test chunks first (their length check can refuse the corpus early), then train."""
+    for train in (False, True):
+        for code, splits in scans.items():
+            for split, sc in splits.items():
+                if (split == "train") != train:
+                    continue
+                xo, eo = sc.xx.chunk_offsets, sc.en.chunk_offsets
+                for k in range(sc.chunks):
+                    yield ChunkTask(
+                        pair=code, split=split, index=k,
+                        xx=(str(sc.xx.path), xo[k], xo[k + 1]), en=(str(sc.en.path), eo[k], eo[k + 1]),
+                        model=model, dtype=dtype, limits=limits if train else None,
+                        out_prefix=_chunk_prefix(chunk_dir, code, split, k), first_line=k * sc.xx.chunk_lines,
+                        report=None if train else limits, max_tokens=None if train else max_eval_tokens,
+                    )

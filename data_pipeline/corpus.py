@@ -11,10 +11,14 @@ Validation streams every file once (:func:`scan_file`): it counts lines, checks 
 and records the byte offset of every ``chunk_lines``-th line, so both files of a pair
 can later be cut at the same line boundaries with O(lines / chunk_lines) memory.
 Lines are separated by ``\\n`` only (a trailing ``\\r`` is dropped as a CRLF leftover);
-a final line without a newline still counts.
+a final line without a newline still counts. A UTF-8 byte order mark at the start of a
+file is not text: every reader skips it (the scan starts line 0 after it). NUL bytes are
+refused (a binary or UTF-16 file passes the UTF-8 check otherwise).
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 ENGLISH = "en"
+UTF8_BOM = b"\xef\xbb\xbf"
 SPLITS = ("train", "dev", "test")
 LAYOUTS = ("opus100", "plain")
 
@@ -63,6 +68,18 @@ class DuplicateLanguageError(CorpusError):
 
 class InvalidLanguageCodeError(CorpusError):
     """A language code that cannot be used in file names and tags."""
+
+
+class NulByteError(CorpusError):
+    """A file contains a NUL byte (binary data, or UTF-16 text)."""
+
+
+class EmptySplitError(CorpusError):
+    """A split that must have lines has none (a train split, or every train line filtered)."""
+
+
+class LongLineError(CorpusError):
+    """A dev/test line is longer than the limit for evaluation lines (they are never filtered)."""
 
 
 class CorpusWarning(UserWarning):
@@ -116,6 +133,8 @@ class FileScan:
     chunk_offsets: list[int] = field(default_factory=list)
     """Byte offset of lines 0, C, 2C, ... followed by ``size``; chunk k spans
     ``chunk_offsets[k]:chunk_offsets[k+1]``."""
+    chunk_lines: int = 1
+    """C: lines per chunk (the last chunk may hold fewer), so chunk k starts at line k·C."""
 
 
 # --------------------------------------------------------------------------- discovery
@@ -184,10 +203,39 @@ def _code_from_dirname(name: str) -> str | None:
     return None
 
 
+def link_problem(path: Path, base: Path | None = None) -> str | None:
+    """Why the symbolic link ``path`` leads nowhere usable, or None (not a link, or a good one).
+
+    ``Path.is_dir``/``is_file`` answer False for a link that loops or dangles, which would drop
+    it without a word; the callers name it instead. A link to ``base`` or one of its parents
+    (``ln -s . de-en``) loops through the tree.
+    """
+    if not path.is_symlink():
+        return None
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"a symbolic link loop ({path.name} -> {target} never reaches a file or directory)"
+        return f"a dangling symbolic link (to {target}, which does not exist)"
+    if base is not None:
+        resolved, base = path.resolve(), base.resolve()
+        if resolved == base or resolved in base.parents:
+            return f"a symbolic link to {resolved}, which contains it (a loop)"
+    return None
+
+
 def _pair_dirs(base: Path) -> list[tuple[str, Path]]:
     """(code, directory) of every English-centric pair directory under ``base``."""
     found = []
-    for d in _subdirs(base):
+    for d in sorted(base.iterdir()):
+        problem = link_problem(d, base)
+        if problem is not None:  # skipped like any other unusable directory, and said so
+            warnings.warn(f"ignoring {d}: {problem}", CorpusWarning)
+            continue
+        if not d.is_dir():  # plain files beside the pairs (langs.tsv, LICENSE)
+            continue
         code = _code_from_dirname(d.name)
         if code is None:
             warnings.warn(f"ignoring {d}: not an English-centric <xx>-en or en-<xx> directory", CorpusWarning)
@@ -220,6 +268,10 @@ def _existing_splits(files: dict[str, SplitFiles], required: Sequence[str]) -> d
     """Keep the splits present on disk; a split present on only one side is an error."""
     out = {}
     for split, sf in files.items():
+        for f in (sf.xx, sf.en):
+            problem = link_problem(f)
+            if problem is not None:  # otherwise reported as "missing", though `ls` shows it
+                raise MissingFileError(f"{f} is {problem}")
         have_xx, have_en = sf.xx.is_file(), sf.en.is_file()
         if have_xx and have_en:
             out[split] = sf
@@ -238,7 +290,8 @@ def _warn_missing(pairs: list[PairSource]) -> None:
         lacking = [p.code for p in pairs if split not in p.splits]
         if lacking:
             shown = ", ".join(lacking[:30]) + (f" ... ({len(lacking)} in all)" if len(lacking) > 30 else "")
-            warnings.warn(f"no {split} split (files absent) for {len(lacking)} of {len(pairs)} pairs: {shown}",
+            why = "; their languages have no validation loss and are left out of its average" if split == "dev" else ""
+            warnings.warn(f"no {split} split (files absent) for {len(lacking)} of {len(pairs)} pairs: {shown}{why}",
                           CorpusWarning)
 
 
@@ -282,11 +335,13 @@ def scan_file(path: str | Path, chunk_lines: int) -> FileScan:
     Memory is one block plus O(lines / chunk_lines) offsets.
     """
     path = Path(path)
-    offsets = [0]
     lines = 0
-    pos = 0  # file offset of the first byte of ``pending``
     pending = b""
     with open(path, "rb") as f:
+        # Line 0 starts after a byte order mark, so chunk 0 (and every reader of it) skips the mark.
+        pos = len(UTF8_BOM) if f.read(len(UTF8_BOM)) == UTF8_BOM else 0  # file offset of ``pending``
+        f.seek(pos)
+        offsets = [pos]
         while block := f.read(_BLOCK_BYTES):
             data = pending + block
             cut = data.rfind(b"\n") + 1  # only complete lines: never split a UTF-8 sequence
@@ -295,6 +350,7 @@ def scan_file(path: str | Path, chunk_lines: int) -> FileScan:
                 continue
             complete, pending = data[:cut], data[cut:]
             _check_utf8(complete, path, pos, lines)
+            _check_nul(complete, path, pos, lines)
             newlines = np.flatnonzero(np.frombuffer(complete, dtype=np.uint8) == 10)
             # Line j (0-based) starts right after the newline ending line j-1.
             first = (lines // chunk_lines + 1) * chunk_lines
@@ -304,11 +360,12 @@ def scan_file(path: str | Path, chunk_lines: int) -> FileScan:
             pos += cut
     if pending:
         _check_utf8(pending, path, pos, lines)
+        _check_nul(pending, path, pos, lines)
         lines += 1
         pos += len(pending)
     if offsets[-1] != pos:
         offsets.append(pos)
-    return FileScan(path=path, lines=lines, size=pos, chunk_offsets=offsets)
+    return FileScan(path=path, lines=lines, size=pos, chunk_offsets=offsets, chunk_lines=chunk_lines)
 
 
 def _check_utf8(data: bytes, path: Path, file_offset: int, lines_before: int) -> None:
@@ -322,6 +379,18 @@ def _check_utf8(data: bytes, path: Path, file_offset: int, lines_before: int) ->
             f"{path}: invalid UTF-8 on line {line_no} at byte offset {file_offset + e.start} "
             f"(byte {e.start - line_start} of the line): {e.reason} (bytes {bad})"
         ) from None
+
+
+def _check_nul(data: bytes, path: Path, file_offset: int, lines_before: int) -> None:
+    at = data.find(b"\0")
+    if at < 0:
+        return
+    line_start = data.rfind(b"\n", 0, at) + 1
+    line_no = lines_before + data.count(b"\n", 0, at) + 1
+    raise NulByteError(
+        f"{path}: NUL byte on line {line_no} at byte offset {file_offset + at} (byte {at - line_start} of the "
+        "line); a text corpus has none (is the file binary or UTF-16?): remove it or convert the file to UTF-8"
+    )
 
 
 def check_same_length(xx: FileScan, en: FileScan) -> int:
@@ -347,16 +416,20 @@ def split_lines(data: bytes) -> list[str]:
 
 
 def read_range(path: str | Path, start: int, end: int) -> list[str]:
-    """Lines stored in bytes ``[start, end)`` of ``path`` (chunk boundaries from a scan)."""
+    """Lines stored in bytes ``[start, end)`` of ``path`` (chunk boundaries from a scan, which start
+    after a byte order mark)."""
     with open(path, "rb") as f:
         f.seek(start)
         return split_lines(f.read(end - start))
 
 
 def iter_lines(path: str | Path, block_lines: int = 65536) -> Iterator[list[str]]:
-    """Yield the lines of ``path`` in blocks of at most ``block_lines`` (bounded memory)."""
+    """Yield the lines of ``path`` in blocks of at most ``block_lines`` (bounded memory); a byte order
+    mark at the start of the file is skipped, as :func:`scan_file` does."""
     block: list[str] = []
     with open(path, "rb") as f:
+        if f.read(len(UTF8_BOM)) != UTF8_BOM:
+            f.seek(0)
         for raw in f:
             block.append(raw.rstrip(b"\n").removesuffix(b"\r").decode("utf-8"))
             if len(block) == block_lines:

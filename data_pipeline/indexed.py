@@ -184,8 +184,18 @@ def split_prefix(data_dir: str | Path, pair: str, split: str, lang: str) -> Path
 
 
 def open_split(data_dir: str | Path, pair: str, split: str, lang: str) -> IndexedTokens:
-    """Open one side (``lang`` = ``pair`` or ``"en"``) of one split of one pair."""
-    return IndexedTokens(split_prefix(data_dir, pair, split, lang))
+    """Open one side (``lang`` = ``pair`` or ``"en"``) of one split of one pair.
+
+    An empty train split raises :class:`PreparedDataError` naming the pair (prepare refuses one;
+    this catches directories from before that check or edited since): found later it would be a
+    sampling error that names no language. Empty dev/test splits are valid (no validation data).
+    """
+    tokens = IndexedTokens(split_prefix(data_dir, pair, split, lang))
+    if split == "train" and len(tokens) == 0:
+        raise PreparedDataError(f"{tokens.prefix}.idx: the train split of pair {pair} is empty, and every language "
+                                f"needs training data; re-run data_pipeline.prepare (it refuses an empty train split) "
+                                f"or leave the pair's languages out with --langs")
+    return tokens
 
 
 def raw_path(data_dir: str | Path, pair: str, split: str, lang: str) -> Path:

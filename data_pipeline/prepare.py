@@ -2,7 +2,8 @@
 
     python -m data_pipeline.prepare --corpus DIR --out DIR [--layout auto|opus100|plain]
         [--direction en-xx|xx-en|both] [--pairs a,b] [--vocab-size N] [--spm-temperature T]
-        [--spm-sentences N] [--max-len 250 --min-len 1 --max-ratio 3.0] [--workers N]
+        [--spm-sentences N] [--spm-threads 16] [--max-len 250 --min-len 1 --max-ratio 3.0]
+        [--max-eval-tokens 1022] [--workers N]
 
 Everything is built in ``<out>.tmp`` and renamed to ``<out>`` at the end, with
 ``meta.json`` written last, so a directory without ``meta.json`` is never a finished
@@ -23,13 +24,16 @@ from pathlib import Path
 from typing import Sequence
 
 from . import spm as spm_lib
-from .binarize import SplitStats, SplitScan, binarize_corpus, default_workers, dtype_name, scan_corpus, \
-    worker_pool, write_empty
-from .corpus import (ENGLISH, FILTER_REASONS, LAYOUTS, LEN_UNITS, Corpus, CorpusError, FilterLimits, discover,
-                     iter_lines)
+from .binarize import SplitStats, SplitScan, binarize_corpus, default_workers, dtype_name, eval_lines, \
+    scan_corpus, worker_pool, write_empty
+from .corpus import (ENGLISH, FILTER_REASONS, LAYOUTS, LEN_UNITS, Corpus, CorpusError, CorpusWarning,
+                     EmptySplitError, FilterLimits, discover, iter_lines)
 from .indexed import FORMAT_VERSION, PreparedDataError, load_meta, raw_path, split_prefix
 
 DIRECTIONS = ("en-xx", "xx-en", "both")
+# The longest dev/test line a model with 1024 positions (every megavac preset) validates: the source
+# also holds the <2xx> tag and EOS, the target BOS (or EOS).
+MAX_EVAL_TOKENS = 1022
 
 
 class ConfigError(ValueError):
@@ -60,6 +64,8 @@ class PrepareConfig:
     """Sampling temperature T for the SentencePiece sample; 1 = proportional [--spm-temperature]."""
     spm_sentences: int = 2_000_000
     """Cap on SentencePiece training lines; 2M keeps unigram training within ~10 GB RAM [--spm-sentences]."""
+    spm_threads: int = spm_lib.TRAIN_THREADS
+    """SentencePiece trainer threads. Fixed, not --workers: the thread count changes the model [--spm-threads]."""
     max_len: int = 250
     """Train pairs with a side longer than this are dropped [--max-len]."""
     min_len: int = 1
@@ -68,6 +74,9 @@ class PrepareConfig:
     """Train pairs whose longer/shorter length ratio exceeds this are dropped; 0 disables [--max-ratio]."""
     len_unit: str = "tokens"
     """Unit of the length limits: SentencePiece ``tokens`` or ``chars`` [--len-unit]."""
+    max_eval_tokens: int = MAX_EVAL_TOKENS
+    """Dev/test lines longer than this many tokens are refused (they are never filtered or truncated; those
+    longer than --max-len are only warned about); keep it within the model's max_positions - 2 [--max-eval-tokens]."""
     workers: int = field(default_factory=default_workers)
     """Worker processes for scanning, sampling, SentencePiece and encoding [--workers]."""
     chunk_lines: int = 50_000
@@ -94,6 +103,8 @@ class PrepareConfig:
             (self.vocab_size > 0, "--vocab-size", self.vocab_size, "positive"),
             (self.spm_temperature > 0, "--spm-temperature", self.spm_temperature, "> 0"),
             (self.spm_sentences > 0, "--spm-sentences", self.spm_sentences, "positive"),
+            (self.spm_threads >= 1, "--spm-threads", self.spm_threads, ">= 1"),
+            (self.max_eval_tokens >= 1, "--max-eval-tokens", self.max_eval_tokens, ">= 1"),
             (self.workers >= 1, "--workers", self.workers, ">= 1"),
             (self.chunk_lines >= 1, "--chunk-lines", self.chunk_lines, ">= 1"),
             (self.len_unit in LEN_UNITS, "--len-unit", self.len_unit, f"one of {', '.join(LEN_UNITS)}"),
@@ -154,6 +165,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         corpus = discover(cfg.corpus, cfg.layout, cfg.pairs)
     for w in caught:  # re-issue outside the recorder so callers and the CLI still see them
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [str(w.message) for w in caught]  # every warning is also recorded in meta.json
     n_symbols = 4 + len(corpus.pairs) + 1
     if cfg.vocab_size <= n_symbols:
         raise ConfigError(f"--vocab-size {cfg.vocab_size} is too small: {n_symbols} ids are taken by "
@@ -172,15 +184,18 @@ def prepare(cfg: PrepareConfig) -> dict:
     t0 = time.time()
     with worker_pool(cfg.workers) as pool, ui.progress() as bars:
         scans = _scan(corpus, cfg, pool, bars)
+        notes += _check_split_sizes(corpus, scans, cfg.direction)
         vocab_size, sample_report = _train_spm(corpus, scans, cfg, tmp, pool, bars)
         dtype = dtype_name(vocab_size)
         stats = _binarize(scans, cfg, tmp, dtype, pool, bars)
+    _check_train_kept(scans, stats)
+    notes += _warn_long_eval_lines(scans, stats, cfg)
     _fill_missing_dev(corpus, tmp, dtype)
     _write_raw(corpus, tmp)
 
     report = _filter_report(cfg, stats)
     meta = _meta(cfg, corpus, stats, vocab_size, dtype, sample_report, tmp)
-    meta["warnings"] = [str(w.message) for w in caught]
+    meta["warnings"] = notes
     meta["prepare_config"] = fingerprint
     meta["prepare_seconds"] = round(time.time() - t0, 1)
     _write_json(tmp / "filter_report.json", report)
@@ -228,6 +243,66 @@ def _scan(corpus: Corpus, cfg: PrepareConfig, pool, bars) -> dict[str, dict[str,
     return scan_corpus(corpus, cfg.chunk_lines, pool, progress=lambda n: bars.advance(task, n))
 
 
+def _check_split_sizes(corpus: Corpus, scans: dict[str, dict[str, SplitScan]], direction: str) -> list[str]:
+    """Refuse an empty train split; warn (and return the warnings) about empty dev splits.
+
+    Found here, right after the scan, rather than as a sampling error naming no language once
+    training starts (train) or as a validation loss of 0 averaged in (dev).
+    """
+    notes = []
+    for p in corpus.pairs:
+        sc = scans[p.code]["train"]
+        if sc.lines == 0:
+            raise EmptySplitError(f"{sc.xx.path} and {sc.en.path} are empty: the train split of pair {p.code} has "
+                                  "no lines, and every pair needs training data; fill them or leave the pair out "
+                                  "with --pairs")
+        dev = scans[p.code].get("dev")
+        if dev is not None and dev.lines == 0:  # absent dev files are warned about by discover()
+            msg = (f"{dev.xx.path} and {dev.en.path} are empty: pair {p.code} has no dev data, so "
+                   f"{', '.join(_lang_names(p.code, direction))} get no validation loss and are left out of its "
+                   "average")
+            warnings.warn(msg, CorpusWarning)
+            notes.append(msg)
+    return notes
+
+
+def _lang_names(code: str, direction: str) -> list[str]:
+    """The languages (directions) a pair gives, as meta.json's tasks name them."""
+    return [n for d, n in (("en-xx", f"{ENGLISH}-{code}"), ("xx-en", f"{code}-{ENGLISH}"))
+            if direction in (d, "both")]
+
+
+def _check_train_kept(scans: dict[str, dict[str, SplitScan]], stats: dict[str, dict[str, SplitStats]]) -> None:
+    """A train split the filters emptied is as unusable as an empty one."""
+    for code, splits in sorted(stats.items()):
+        st = splits["train"]
+        if st.kept == 0:
+            why = ", ".join(f"{r} {n}" for r, n in st.filtered.items() if n)
+            raise EmptySplitError(
+                f"{scans[code]['train'].xx.path}: all {st.lines} train lines of pair {code} were removed by the "
+                f"filters ({why}), so its languages would have no training data; loosen --max-len/--min-len/"
+                "--max-ratio or leave the pair out with --pairs")
+
+
+def _warn_long_eval_lines(scans, stats, cfg: PrepareConfig) -> list[str]:
+    """One warning (returned too) for dev/test lines longer than --max-len: kept whole, unlike train pairs.
+
+    Not refused: real dev sets have such lines (an NTREX sentence of 190 tokens against --max-len 120,
+    a Tatoeba one of 275 with a 1000-piece vocabulary), and a model validates them up to its
+    max_positions; what it cannot hold, --max-eval-tokens refuses during binarization.
+    """
+    total, shown = eval_lines(stats, "long")
+    if not total:
+        return []
+    lines = ", ".join(f"{getattr(scans[c][s], side).path} line {ln} ({n} {cfg.len_unit})"
+                      for c, s, ln, side, n in shown)
+    msg = (f"{total} dev/test line(s) longer than the train filter's --max-len {cfg.max_len} {cfg.len_unit}, kept "
+           f"whole (only train is filtered; the training dry run checks them against the model's max_positions): "
+           f"{lines}{' ...' if total > len(shown) else ''}")
+    warnings.warn(msg, CorpusWarning)
+    return [msg]
+
+
 def sample_plan(corpus: Corpus, scans: dict[str, dict[str, SplitScan]], temperature: float,
                 max_sentences: int) -> tuple[dict[str, list[tuple[str, int]]], dict[str, int]]:
     """Train files per language (English pooled over pairs) and lines to sample from each language."""
@@ -250,7 +325,7 @@ def _train_spm(corpus, scans, cfg: PrepareConfig, tmp: Path, pool, bars) -> tupl
     written = sum(r["written"] for r in report.values())
     task = bars.add_task(f"training SentencePiece ({written} lines)", total=None)
     vocab_size = spm_lib.train(sample, tmp / "spm", cfg.vocab_size, [p.code for p in corpus.pairs],
-                               num_threads=cfg.workers, input_sentence_size=written, seed=cfg.seed,
+                               num_threads=cfg.spm_threads, input_sentence_size=written, seed=cfg.seed,
                                verbose=cfg.verbose)
     bars.update(task, total=1, completed=1)
     sample.unlink()  # can be large and is fully described by the report
@@ -261,7 +336,8 @@ def _binarize(scans, cfg: PrepareConfig, tmp: Path, dtype: str, pool, bars) -> d
     total = sum(sc.lines for splits in scans.values() for sc in splits.values())
     task = bars.add_task("binarizing (line pairs)", total=total)
     return binarize_corpus(scans, tmp / "spm.model", tmp / "bin", dtype, cfg.limits(), pool,
-                           chunk_dir=tmp / "chunks", progress=lambda n: bars.advance(task, n))
+                           chunk_dir=tmp / "chunks", progress=lambda n: bars.advance(task, n),
+                           max_eval_tokens=cfg.max_eval_tokens)
 
 
 def _fill_missing_dev(corpus: Corpus, tmp: Path, dtype: str) -> None:
@@ -274,8 +350,16 @@ def _fill_missing_dev(corpus: Corpus, tmp: Path, dtype: str) -> None:
                 raw_path(tmp, p.code, "dev", lang).write_bytes(b"")
 
 
+_BOM_CHAR = "\ufeff"
+
+
 def _write_raw(corpus: Corpus, tmp: Path) -> None:
-    """Copy dev/test text unfiltered, normalising only line terminators to ``\\n``."""
+    """Copy dev/test text unfiltered, normalising only line terminators to ``\\n`` and dropping byte order marks.
+
+    A BOM at the start of the file (``iter_lines`` skips it) or of a line (files concatenated with
+    theirs) is not text: SentencePiece's normalisation drops it from the tokenised side, so it goes
+    from the references too, or sacrebleu would see it glued to the first word.
+    """
     (tmp / "raw").mkdir(exist_ok=True)
     for p in corpus.pairs:
         for split in ("dev", "test"):
@@ -284,7 +368,7 @@ def _write_raw(corpus: Corpus, tmp: Path) -> None:
             for lang, src in ((p.code, p.splits[split].xx), (ENGLISH, p.splits[split].en)):
                 with open(raw_path(tmp, p.code, split, lang), "w", encoding="utf-8", newline="\n") as dst:
                     for block in iter_lines(src):
-                        dst.write("".join(line + "\n" for line in block))
+                        dst.write("".join(line.lstrip(_BOM_CHAR) + "\n" for line in block))
 
 
 def _filter_report(cfg: PrepareConfig, stats) -> dict:
@@ -327,6 +411,7 @@ def _meta(cfg: PrepareConfig, corpus: Corpus, stats, vocab_size: int, dtype: str
         # Extras beyond the format above, for humans and reproducibility.
         "tokens": token_stats,
         "spm": {"model": "spm.model", "vocab_size_requested": cfg.vocab_size, "model_type": "unigram",
+                "num_threads": cfg.spm_threads,
                 "character_coverage": spm_lib.CHARACTER_COVERAGE, "temperature": cfg.spm_temperature,
                 "sample": sample_report},
         "bin_format": {"bin": f"raw little-endian {dtype} token ids, no tag/bos/eos",
@@ -396,10 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab-size", type=int, default=d.vocab_size)
     ap.add_argument("--spm-temperature", type=float, default=d.spm_temperature)
     ap.add_argument("--spm-sentences", type=int, default=d.spm_sentences)
+    ap.add_argument("--spm-threads", type=int, default=d.spm_threads,
+                    help="SentencePiece trainer threads; part of the result (a fixed number, not the core count)")
     ap.add_argument("--max-len", type=int, default=d.max_len)
     ap.add_argument("--min-len", type=int, default=d.min_len)
     ap.add_argument("--max-ratio", type=float, default=d.max_ratio, help="0 disables the ratio filter")
     ap.add_argument("--len-unit", default=d.len_unit, choices=LEN_UNITS)
+    ap.add_argument("--max-eval-tokens", type=int, default=d.max_eval_tokens,
+                    help="dev/test lines longer than this many tokens are refused (never filtered or truncated); "
+                         "keep it within the model's max_positions - 2")
     ap.add_argument("--workers", type=int, default=d.workers)
     ap.add_argument("--chunk-lines", type=int, default=d.chunk_lines)
     ap.add_argument("--seed", type=int, default=d.seed)

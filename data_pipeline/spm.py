@@ -13,6 +13,7 @@ keeps only O(block) random indices in memory, so memory does not grow with the c
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -22,11 +23,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .corpus import ENGLISH
+from .corpus import ENGLISH, UTF8_BOM
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 CHARACTER_COVERAGE = 0.9995  # below 1.0 so that stray rare symbols do not eat vocabulary
 _SELECT_BLOCK = 1 << 16
+# Trainer threads are part of the result, not just of its speed: the unigram E-step sums per-thread
+# partial counts in float, so 1, 2 and 16 threads give different models (byte-wise, from the same
+# sample and seed), while a fixed count gives the same model on every machine. Hence a fixed
+# default (``prepare --spm-threads``, recorded in the fingerprint), never the worker count.
+TRAIN_THREADS = 16
 
 
 def lang_tag(code: str) -> str:
@@ -114,6 +120,8 @@ def sample_file(task: SampleTask) -> tuple[str, int, int]:
     rng = np.random.default_rng(task.seed)
     written = skipped = 0
     with open(task.path, "rb") as src, open(task.out, "wb") as dst:
+        if src.read(len(UTF8_BOM)) != UTF8_BOM:  # a byte order mark is not part of line 0
+            src.seek(0)
         for start, copies in _multiplicities(rng, task):
             for i in range(len(copies)):
                 line = src.readline().rstrip(b"\n").removesuffix(b"\r")
@@ -174,22 +182,32 @@ def train(sample_path: str | Path, model_prefix: str | Path, vocab_size: int, la
     """Train the joint unigram model; returns the realised vocabulary size.
 
     ``langs`` are the non-English codes; ``<2en>`` and ``<2xx>`` for each become
-    user-defined symbols so they are never split.
+    user-defined symbols so they are never split. ``num_threads`` changes the model (see
+    :data:`TRAIN_THREADS`): pass a fixed number, not the machine's core count.
     """
     import sentencepiece as spm
 
     tags = [lang_tag(ENGLISH)] + [lang_tag(c) for c in sorted(langs)]
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        input=str(sample_path), model_prefix=str(model_prefix), model_type="unigram",
-        vocab_size=vocab_size, character_coverage=CHARACTER_COVERAGE,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        user_defined_symbols=tags,
-        input_sentence_size=max(input_sentence_size, 1), shuffle_input_sentence=True,
-        num_threads=max(num_threads, 1),
-        # Small corpora cannot fill a large vocabulary; shrink instead of failing.
-        hard_vocab_limit=False,
-        minloglevel=0 if verbose else 2,
-    )
-    return spm.SentencePieceProcessor(model_file=f"{model_prefix}.model").get_piece_size()
+    # Lines through an iterator and the model into memory: given file names, SentencePiece stores them
+    # (input, model_prefix) in the model, so the same preparation in another directory gave other bytes.
+    model = io.BytesIO()
+    with open(sample_path, "rb") as sample:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(line.rstrip(b"\n").decode("utf-8") for line in sample), model_writer=model,
+            model_type="unigram", vocab_size=vocab_size, character_coverage=CHARACTER_COVERAGE,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            user_defined_symbols=tags,
+            input_sentence_size=max(input_sentence_size, 1), shuffle_input_sentence=True,
+            num_threads=max(num_threads, 1),
+            # Small corpora cannot fill a large vocabulary; shrink instead of failing.
+            hard_vocab_limit=False,
+            minloglevel=0 if verbose else 2,
+        )
+    Path(f"{model_prefix}.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    # What SentencePiece writes beside the model (piece, tab, score as C++ prints a float), for humans.
+    Path(f"{model_prefix}.vocab").write_text(
+        "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())), encoding="utf-8")
+    return sp.get_piece_size()

@@ -17,8 +17,9 @@ import sentencepiece as spm
 from data_pipeline import IndexedTokens, PreparedDataError, load_meta, load_raw, open_split
 from data_pipeline.binarize import binarize_corpus, scan_corpus, worker_pool
 from data_pipeline.corpus import (
-    CorpusWarning, DuplicateLanguageError, FilterLimits, InvalidLanguageCodeError, InvalidUtf8Error,
-    LineCountMismatchError, MissingFileError, UnknownLanguageError, classify, discover, read_range, scan_file,
+    CorpusError, CorpusWarning, DuplicateLanguageError, EmptySplitError, FilterLimits, InvalidLanguageCodeError,
+    InvalidUtf8Error, LineCountMismatchError, LongLineError, MissingFileError, NulByteError, UnknownLanguageError,
+    classify, discover, read_range, scan_file,
 )
 from data_pipeline.prepare import ConfigError, OutputExistsError, PrepareConfig, main, prepare
 from data_pipeline.spm import temperature_counts, write_sample
@@ -498,3 +499,186 @@ def test_output_dir_protection_and_overwrite(tmp_path):
     train.write_text(train.read_text(encoding="utf-8").replace("The ", "A "), encoding="utf-8")
     with pytest.raises(OutputExistsError, match="input files"):
         prepare(quick_cfg(corpus, out))
+
+
+# --------------------------------------------------------------------------- user reports: dev/test length,
+# empty splits, BOM and NUL, symlink loops, worker-independent output
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(s + "\n" for s in lines), encoding="utf-8")
+
+
+def test_long_dev_line_is_refused_naming_file_line_and_length(tmp_path, capsys):
+    """A 100,000-character dev line used to pass prepare and stop training at its first validation."""
+    corpus = small_corpus(tmp_path / "c")
+    dev = corpus / "xa-en" / "dev.xa"
+    lines = read_lines(dev)
+    lines[2] = "word " * 20000
+    _rewrite(dev, lines)
+    with pytest.raises(CorpusError) as e:
+        prepare(quick_cfg(corpus, tmp_path / "out"))
+    msg = str(e.value)
+    assert isinstance(e.value, LongLineError) and "\n" not in msg
+    assert re.match(rf"{re.escape(str(dev))}: line 3 has \d+ tokens, more than the 1022 allowed for dev/test lines "
+                    r"\(--max-eval-tokens\)", msg), msg
+    assert "never filtered or truncated" in msg and "in both dev.xa and dev.en" in msg
+    assert not (tmp_path / "out").exists()
+    # The CLI: one line, exit code 2.
+    assert main(["--corpus", str(corpus), "--out", str(tmp_path / "out"), "--vocab-size", "300", "--workers", "1",
+                 "--quiet"]) == 2
+    assert re.search(r"error: .*dev\.xa: line 3 has \d+ tokens", capsys.readouterr().err)
+    # Several lines, on either side and in the test split: the first is named, the rest counted.
+    test_en = corpus / "xb-en" / "test.en"
+    t = read_lines(test_en)
+    t[0] = "word " * 300
+    _rewrite(test_en, t)
+    with pytest.raises(LongLineError, match=r"dev\.xa: line 3 has \d+ tokens, more than the 200 .*1 more such "
+                                            r"line\(s\): xb test line 1 \(\d+ tokens\)"):
+        prepare(quick_cfg(corpus, tmp_path / "out", max_eval_tokens=200))
+
+
+def test_dev_lines_longer_than_the_train_filter_are_kept_whole_with_a_warning(tmp_path):
+    """Only train is filtered: a dev/test line past --max-len (but within --max-eval-tokens) is kept as it
+    is, neither truncated nor dropped, and named in a warning recorded in meta.json."""
+    corpus = small_corpus(tmp_path / "c")
+    dev = corpus / "xa-en" / "dev.xa"
+    lines = read_lines(dev)
+    lines[2] = "x" * 300
+    _rewrite(dev, lines)
+    test_en = corpus / "xb-en" / "test.en"
+    t = read_lines(test_en)
+    t[4] = "y" * 250
+    _rewrite(test_en, t)
+    out = tmp_path / "out"
+    with pytest.warns(CorpusWarning, match=rf"2 dev/test line\(s\) longer than the train filter's --max-len 200 chars, "
+                                           rf"kept whole .*: {re.escape(str(dev))} line 3 \(300 chars\), "
+                                           rf"{re.escape(str(test_en))} line 5 \(250 chars\)$"):
+        meta = prepare(quick_cfg(corpus, out, len_unit="chars", max_len=200))
+    assert any("2 dev/test line(s) longer than" in w for w in meta["warnings"])
+    assert meta["pairs"]["xa"]["dev"] == 10 and load_raw(out, "xa", "dev", "xa")[2] == lines[2]
+    assert load_raw(out, "xb", "test", "en")[4] == t[4]
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    assert open_split(out, "xa", "dev", "xa")[2].tolist() == sp.encode(lines[2])  # not truncated
+
+
+def test_empty_train_split_is_refused_naming_pair_and_file(tmp_path):
+    corpus = small_corpus(tmp_path / "c")
+    for side in ("xb", "en"):
+        (corpus / "xb-en" / f"train.{side}").write_bytes(b"")
+    with pytest.raises(EmptySplitError, match=r"xb-en/train\.xb and .*xb-en/train\.en are empty: the train split of "
+                                              r"pair xb has no lines"):
+        prepare(quick_cfg(corpus, tmp_path / "out"))
+    # Emptied by the filters is the same: named with the counts per reason.
+    corpus = small_corpus(tmp_path / "c2")
+    with pytest.raises(EmptySplitError, match=r"xa-en/train\.xa: all 120 train lines of pair xa were removed by the "
+                                              r"filters \(too_long 120\)"):
+        prepare(quick_cfg(corpus, tmp_path / "out", len_unit="chars", max_len=3))
+
+
+def test_empty_train_split_in_a_prepared_dir_is_refused_by_the_reader(tmp_path):
+    from data_pipeline.binarize import write_empty
+    from data_pipeline.indexed import split_prefix
+    from megavac.data import MultilingualDataset
+
+    corpus = small_corpus(tmp_path / "c")
+    out = tmp_path / "out"
+    meta = prepare(quick_cfg(corpus, out))
+    for lang in ("xb", "en"):  # a directory edited (or written before prepare refused empty train splits)
+        write_empty(split_prefix(out, "xb", "train", lang), meta["dtype"])
+    with pytest.raises(PreparedDataError, match=r"bin/xb\.train\.xb\.idx: the train split of pair xb is empty"):
+        open_split(out, "xb", "train", "xb")
+    with pytest.raises(PreparedDataError, match="pair xb is empty"):
+        MultilingualDataset(str(out), "train")
+    assert MultilingualDataset(str(out), "train", "en-xa").names == ["en-xa"]
+    assert len(open_split(out, "xa", "dev", "xa")) == 10
+
+
+def test_empty_dev_split_warns_by_name(tmp_path):
+    corpus = small_corpus(tmp_path / "c")
+    for side in ("xa", "en"):
+        (corpus / "xa-en" / f"dev.{side}").write_bytes(b"")
+    with pytest.warns(CorpusWarning, match=r"xa-en/dev\.xa and .*dev\.en are empty: pair xa has no dev data, so "
+                                           r"en-xa, xa-en get no validation loss and are left out of its average"):
+        meta = prepare(quick_cfg(corpus, tmp_path / "out", direction="both"))
+    assert any("pair xa has no dev data" in w for w in meta["warnings"])
+    assert meta["pairs"]["xa"]["dev"] == 0 and len(open_split(tmp_path / "out", "xa", "dev", "en")) == 0
+
+
+def test_bom_is_stripped_from_raw_references_like_the_tokens(tmp_path):
+    corpus = small_corpus(tmp_path / "c", codes=("xa",))
+    d = corpus / "xa-en"
+    originals = {}
+    for name in ("dev.xa", "dev.en", "test.en", "train.en"):
+        lines = read_lines(d / name)
+        originals[name] = lines
+        if name == "dev.en":  # a second file concatenated with its own BOM: line 6 starts with one
+            lines = lines[:5] + ["\ufeff" + lines[5]] + lines[6:]
+        (d / name).write_bytes(b"\xef\xbb\xbf" + "".join(s + "\n" for s in lines).encode("utf-8"))
+    out = tmp_path / "out"
+    meta = prepare(quick_cfg(corpus, out, len_unit="chars"))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    for split, lang in (("dev", "xa"), ("dev", "en"), ("test", "en")):
+        raw = load_raw(out, "xa", split, lang)
+        assert raw == originals[f"{split}.{lang}"], (split, lang)
+        assert not (out / "raw" / f"xa.{split}.{lang}").read_bytes().startswith(b"\xef\xbb\xbf")
+        toks = open_split(out, "xa", split, lang)
+        assert [t.tolist() for t in toks] == sp.encode(raw)  # tokens and references: the same text
+    assert meta["pairs"]["xa"]["train"] == 120  # no line made too long or unequal by a BOM
+    assert scan_file(d / "dev.en", 3).lines == 10
+    (tmp_path / "bom_only").write_bytes(b"\xef\xbb\xbf")
+    assert scan_file(tmp_path / "bom_only", 3).lines == 0
+
+
+def test_nul_byte_is_refused_naming_file_and_line(tmp_path):
+    corpus = small_corpus(tmp_path / "c")
+    path = corpus / "xb-en" / "dev.en"
+    lines = path.read_bytes().split(b"\n")
+    offset = sum(len(x) + 1 for x in lines[:3]) + 2
+    lines[3] = lines[3][:2] + b"\x00" + lines[3][2:]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(NulByteError, match=rf"xb-en/dev\.en: NUL byte on line 4 at byte offset {offset} \(byte 2 of "
+                                           r"the line\).*UTF-16"):
+        prepare(quick_cfg(corpus, tmp_path / "out", workers=2))
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlink_loops_in_the_corpus_tree_are_skipped_with_a_warning(tmp_path):
+    corpus = small_corpus(tmp_path / "c")
+    os.symlink("xc-en", corpus / "xc-en")  # loops on itself
+    os.symlink("nowhere", corpus / "xd-en")  # dangles
+    os.symlink(".", corpus / "xe-en")  # back to the corpus root
+    (corpus / "notes").mkdir()  # the warning other skipped directories get
+    with pytest.warns(CorpusWarning) as record:
+        c = discover(corpus)
+    assert [p.code for p in c.pairs] == ["xa", "xb"]
+    messages = [str(w.message) for w in record]
+    assert any(re.match(rf"ignoring {re.escape(str(corpus))}/notes: not an English-centric", m) for m in messages)
+    assert any(re.match(rf"ignoring {re.escape(str(corpus))}/xc-en: a symbolic link loop \(xc-en -> xc-en", m)
+               for m in messages), messages
+    assert any(re.match(r"ignoring .*/xd-en: a dangling symbolic link \(to nowhere", m) for m in messages), messages
+    assert any(re.match(r"ignoring .*/xe-en: a symbolic link to .*, which contains it \(a loop\)", m)
+               for m in messages), messages
+    # A looping file where a split should be is named as such, not as "missing".
+    (corpus / "xa-en" / "test.xa").unlink()
+    os.symlink("test.xa", corpus / "xa-en" / "test.xa")
+    with pytest.raises(MissingFileError, match=r"xa-en/test\.xa is a symbolic link loop"):
+        discover(corpus)
+
+
+def test_worker_count_does_not_change_the_output(tmp_path):
+    """PrepareConfig.fingerprint leaves out --workers: the SentencePiece model and the binarized data must not
+    depend on it. (SentencePiece trained with num_threads=workers gave a different model per worker count.)"""
+    corpus = small_corpus(tmp_path / "c", n_train=200)
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        prepare(quick_cfg(corpus, out, workers=workers, chunk_lines=70))
+        outs[workers] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                         if p.is_file() and p.name != "meta.json"}
+    assert (tmp_path / "out1" / "spm.model").read_bytes() == (tmp_path / "out2" / "spm.model").read_bytes()
+    assert outs[1] == outs[2]
+    meta = [load_meta(tmp_path / f"out{w}") for w in (1, 2)]
+    for m in meta:
+        m.pop("prepare_seconds")
+    assert meta[0] == meta[1] and meta[0]["spm"]["num_threads"] == 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import subprocess
 import sys
 import time
@@ -298,3 +299,67 @@ def test_dry_run_options_need_dry_run(capsys):
         train_script.main(["--world-size", "4"])
     assert e.value.code == 2
     assert "dry-run option" in capsys.readouterr().err
+
+
+def _prepared_with_long_dev_line(tmp_path):
+    """Two pairs; line 3 of xb's English dev side has 100,000 characters, let through prepare on purpose."""
+    import random
+
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from data_pipeline.synthetic import build_languages, generate_pairs
+
+    for i, code in enumerate(("xa", "xb")):
+        pairs = list(generate_pairs(build_languages(0)[i * 5], 140, random.Random(i), set()))
+        d = tmp_path / "corpus" / f"{code}-en"
+        d.mkdir(parents=True)
+        for split, rows in (("train", pairs[:120]), ("dev", pairs[120:])):
+            en, xx = [e for e, _ in rows], [x for _, x in rows]
+            if code == "xb" and split == "dev":
+                en[2] = "word " * 20000
+            (d / f"{split}.{code}").write_text("".join(s + "\n" for s in xx), encoding="utf-8")
+            (d / f"{split}.en").write_text("".join(s + "\n" for s in en), encoding="utf-8")
+    out = tmp_path / "prepared"
+    prepare(PrepareConfig(corpus=tmp_path / "corpus", out=out, vocab_size=300, workers=1, quiet=True,
+                          direction="both", max_eval_tokens=10**6))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::data_pipeline.corpus.CorpusWarning")  # no test split: expected here
+def test_dev_example_longer_than_max_positions_is_a_problem(tmp_path):
+    """A dev line past max_positions used to pass the dry run ("plan OK") and stop training at its first
+    validation; the plan names the language, the line and what to do."""
+    import json
+
+    data_dir = _prepared_with_long_dev_line(tmp_path)
+    train = TrainConfig(save_dir=str(tmp_path / "run"), model="tiny")
+    p = _plan(tmp_path, data=DataConfig(data_dir=str(data_dir)), train=train)
+    assert len(p.problems) == 1, p.problems
+    assert re.match(r"en-xb dev line 3 has \d+ tokens \(with tag/BOS/EOS\) > the model's max_positions=1024: "
+                    r"validation would stop at its first run; remove or shorten line 3 of pair xb's dev files \(its "
+                    r"en side as prepared: .*raw/xb\.dev\.en\)", p.problems[0]), p.problems[0]
+    assert p.numbers["longest_dev_example"] > 1024
+    out = io.StringIO()
+    dry_run.render(p, out)
+    assert "plan OK" not in out.getvalue() and "1 problem(s)" in out.getvalue()
+    # The CLI says so with exit code 2.
+    assert dry_run.main(DataConfig(data_dir=str(data_dir)), train, MethodConfig(), str(DS / "zero2.json"),
+                        file=io.StringIO()) == 2
+    # The languages without that line plan fine and report their longest dev example.
+    ok = _plan(tmp_path, data=DataConfig(data_dir=str(data_dir), langs="en-xa,xa-en"), train=train)
+    assert ok.ok, ok.problems
+    assert 0 < ok.numbers["longest_dev_example"] <= 1024
+    assert any(item == "longest dev example" for _, item, _ in ok.rows)
+    # A language without training data (a directory from before prepare refused that) is a problem too.
+    meta = json.loads((data_dir / "meta.json").read_text())
+    meta["pairs"]["xa"]["train"] = 0
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    bad = _plan(tmp_path, data=DataConfig(data_dir=str(data_dir), langs="en-xa"), train=train)
+    assert any("no training data for en-xa (empty train split)" in x for x in bad.problems), bad.problems
+    # Languages none of which has dev data: the validator refuses them at start, so the plan does too.
+    from data_pipeline.binarize import write_empty
+    from data_pipeline.indexed import split_prefix
+
+    for lang in ("xa", "en"):
+        write_empty(split_prefix(data_dir, "xa", "dev", lang), meta["dtype"])
+    bad = _plan(tmp_path, data=DataConfig(data_dir=str(data_dir), langs="en-xa,xa-en"), train=train)
+    assert any(x.startswith("no dev data for any language (en-xa, xa-en)") for x in bad.problems), bad.problems

@@ -5,7 +5,9 @@
 
 What is checked and estimated (every number is per GPU unless said otherwise):
 
-* paths: the prepared data dir and its ``meta.json`` (or that the synthetic default would be generated),
+* paths: the prepared data dir and its ``meta.json`` (or that the synthetic default would be generated);
+  every selected language has training data, and its longest dev example (in tokens, with the tag, BOS
+  and EOS, as batches are built) fits the model's ``max_positions``: validation refuses one that does not;
   the ds_config (loaded and merged by :func:`megavac.config.load_ds_config` / :func:`merge_ds_config`,
   the one place CLI flags override the JSON, then parsed by DeepSpeed's own ``DeepSpeedConfig``),
   a writable ``--save-dir``, and the ``latest`` checkpoint when ``--resume``;
@@ -52,6 +54,8 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 GiB = 2**30
 
@@ -102,11 +106,12 @@ def check_method(method, ds: dict, pipeline: bool):
     from megavac.pergrad.ds_adapter import per_language_refusals
 
     method = method.resolve()
-    if method.method == "monolithic":
+    if method.method == "monolithic" and not method.gram_log_interval:  # no per-language gradients at all
         return method
     refusals = per_language_refusals(ds, pipeline)
     if refusals:
-        raise ValueError(f"--method {method.method}: " + "; ".join(refusals))
+        what = f"--method {method.method}" + (" with --gram-log-interval" if method.method == "monolithic" else "")
+        raise ValueError(f"{what}: " + "; ".join(refusals))
     return method
 
 
@@ -229,8 +234,55 @@ def _data_info(data, plan: Plan) -> dict | None:
     except ValueError as e:
         plan.problems.append(f"--langs: {e}")
         langs = meta["tasks"]  # report the rest of the plan over all languages
+    sizes = [meta["pairs"][t["pair"]]["train"] for t in langs]
+    empty = [t["name"] for t, n in zip(langs, sizes) if not n]
+    if empty:
+        plan.problems.append(f"{path}: no training data for {', '.join(empty)} (empty train split); re-prepare with "
+                             "a corpus that has it, or leave these languages out with --langs")
     return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": [t["name"] for t in langs],
-            "sizes": [meta["pairs"][t["pair"]]["train"] for t in langs]}
+            "sizes": sizes, "path": path, "langs": langs}
+
+
+def _check_dev_lengths(info: dict, max_positions: int, plan: Plan) -> None:
+    """The longest dev example of the selected languages against ``max_positions``, read from the prepared index
+    (no tokens): validation builds every dev example and stops at the first one longer than that, hours in."""
+    from data_pipeline.indexed import PreparedDataError, open_split, raw_path
+
+    longest, missing = None, []
+    for t in info["langs"]:
+        try:
+            src = open_split(info["path"], t["pair"], "dev", t["src"])
+            tgt = open_split(info["path"], t["pair"], "dev", t["tgt"])
+        except PreparedDataError as e:
+            plan.problems.append(str(e))
+            continue
+        if len(src) == 0:
+            missing.append(t["name"])
+            continue
+        # As megavac.data builds them: source <2xx> tokens </s>, target <s> tokens (or tokens </s>).
+        lengths = np.maximum(src.sizes.astype(np.int64) + 2, tgt.sizes.astype(np.int64) + 1)
+        i = int(np.argmax(lengths))
+        side = t["src"] if src.sizes[i] + 2 >= tgt.sizes[i] + 1 else t["tgt"]
+        if longest is None or lengths[i] > longest[0]:
+            longest = (int(lengths[i]), t, i, side)
+    if missing and longest is None:  # megavac.train.validation.Validator refuses this at start
+        plan.problems.append(f"no dev data for any language ({', '.join(missing)}): validation, which selects the "
+                             "best checkpoint, needs at least one; prepare a corpus with dev splits or add a language "
+                             "that has one with --langs")
+    elif missing:
+        plan.notes.append(f"no dev data for {', '.join(missing)}: validation leaves them out of its average")
+    if longest is None:
+        return
+    n, t, i, side = longest
+    where = f"{t['name']} dev line {i + 1}"
+    plan.add("data", "longest dev example", f"{n} tokens ({where}); max_positions {max_positions}")
+    plan.numbers["longest_dev_example"] = n
+    if n > max_positions:
+        plan.problems.append(
+            f"{where} has {n} tokens (with tag/BOS/EOS) > the model's max_positions={max_positions}: validation "
+            f"would stop at its first run; remove or shorten line {i + 1} of pair {t['pair']}'s dev files (its "
+            f"{side} side as prepared: {raw_path(info['path'], t['pair'], 'dev', side)}) in the corpus and re-run "
+            "data_pipeline.prepare, whose --max-eval-tokens refuses such lines")
 
 
 def _check_save_dir(train, plan: Plan) -> None:
@@ -351,6 +403,8 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         plan.add("data", "languages", f"{len(info['names'])}: {', '.join(info['names'][:12])}"
                                   f"{' …' if len(info['names']) > 12 else ''}")
         plan.numbers["langs"] = len(info["names"])
+        if "path" in info:  # a prepared directory (not the synthetic default still to be generated)
+            _check_dev_lengths(info, mcfg.max_positions, plan)
 
     if ds is None:
         return plan
@@ -390,7 +444,7 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
         plan.memory.append((k, v, None))
     plan.memory.append(("model states", model_total, ds_total))
     extra = 0.0
-    if method.method != "monolithic":
+    if method.method != "monolithic" or method.gram_log_interval:
         K = len(info["names"]) if info else 0
         per_batch = method.langs_per_batch or K
         # pergrad keeps one slice per language PRESENT in the step: at most langs-per-batch of the K languages,
