@@ -118,9 +118,16 @@ class PerLanguageStep:
         return runs
 
     # ------------------------------------------------------------------------- the two paths
+    def logs_gram(self, step: int) -> bool:
+        """Whether update ``step`` (0-based) writes a Gram log (named step + 1)."""
+        return bool(self.gram_log_dir is not None and self.gram_log_interval and
+                    (step + 1) % self.gram_log_interval == 0)
+
     def run(self, batches: list, step: int) -> StepStats:
         if self.method.needs_gram(step):
             return self.gram_step(batches, step)
+        if self.logs_gram(step):  # a Gram for the log only: the update stays the plain step's (see gram_step)
+            return self.gram_step(batches, step, log_only=True)
         # The method's loss weights (all ones: exactly plain training; CATS: α).
         return StepStats(self.plain(batches, self.method.loss_weights()), gram_step=False)
 
@@ -139,7 +146,10 @@ class PerLanguageStep:
             torch.mv(slices[:, a:b].T, w[g], out=out[a:b])
         return out
 
-    def gram_step(self, batches: list, step: int) -> StepStats:
+    def gram_step(self, batches: list, step: int, log_only: bool = False) -> StepStats:
+        """``log_only``: the method is not asked (its state does not move); the update combines the
+        per-language gradients with the plain step's loss weights, Σ_k w_k g_k, which is the plain step's
+        gradient up to the order of the float additions (monolithic training: w = 1)."""
         part, K, G = self.partition, self.K, self.num_groups
         t = [time.perf_counter()]
         try:  # whatever happens, the accumulation boundary goes back to DeepSpeed's counter
@@ -165,7 +175,10 @@ class PerLanguageStep:
             t.append(time.perf_counter())
             ctx = StepContext(step=step, present=got.present.clone(), losses=losses, generator=self.generator)
             skipped_before = self.method.skipped
-            weights = self.method.weights(gram, ctx)
+            if log_only:
+                weights = self.method.loss_weights().to(torch.float64).expand(G, K).clone()
+            else:
+                weights = self.method.weights(gram, ctx)
             skipped = self.method.skipped != skipped_before
             assert weights.shape == (G, K), weights.shape
             t.append(time.perf_counter())
@@ -176,7 +189,7 @@ class PerLanguageStep:
         finally:
             part.release_boundary()
         # Named by the number of updates done once this one is (as metrics.jsonl and checkpoints are).
-        if self.gram_log_dir is not None and self.gram_log_interval and (step + 1) % self.gram_log_interval == 0:
+        if self.logs_gram(step):
             self._log_gram(step + 1, gram, weights, got.present, losses)
         diag = torch.diagonal(gram, dim1=1, dim2=2).sum(0)
         phases = dict(zip(("collect", "gram", "weights", "combine", "step"), np.diff(t).tolist()))

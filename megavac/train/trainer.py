@@ -127,7 +127,7 @@ class Trainer:
         self.plain_step = PlainStep(self.engine, self.K, meta["pad_id"], train.label_smoothing, self.runner)
         self.method = build_method(method, self.train_data, param_names)
         self.pergrad = None
-        if method.method != "monolithic":
+        if method.method != "monolithic" or method.gram_log_interval:  # monolithic: Grams for the log only
             from megavac.pergrad import PerLanguageStep
 
             self.pergrad = PerLanguageStep(
@@ -221,11 +221,7 @@ class Trainer:
             return
         state, rank_state = loaded
         self.step = state["step"]
-        if self.pergrad is not None:
-            if "method" not in state:
-                raise ValueError(f"--resume with --method {self.method_cfg.method}: the checkpoint in "
-                                 f"{self.checkpointer.root} holds no method state (it was trained without a method)")
-            self.pergrad.load_state_dict(state["method"])
+        self._load_method_state(state, self.checkpointer.root)
         self.sampler.load_state_dict(rank_state["sampler"])
         if "lr" in changed:
             self._apply_lr(changed["lr"][1])
@@ -237,16 +233,22 @@ class Trainer:
                 print(f"--resume: the checkpoint is at step {self.step} >= --max-steps {self.cfg.max_steps}: "
                       "nothing to train", flush=True)
 
+    def _load_method_state(self, state: dict, where):
+        if self.pergrad is None:
+            return
+        if "method" in state:
+            self.pergrad.load_state_dict(state["method"])
+        elif self.method_cfg.method != "monolithic":  # monolithic with Gram logging has nothing to restore
+            raise ValueError(f"--resume with --method {self.method_cfg.method}: the checkpoint in {where} holds no "
+                             "method state (it was trained without a method)")
+
     def _resume_resharded(self, changed: dict):
         saved, where = self.resume_from
         root, tag = self.checkpointer.root, where.parent.name
         state, samplers = reshard.load(self.engine, root, tag, saved, self.rank, self.dp_rank)
         self.step = state["step"]
         self.checkpointer.best_loss = state["best_loss"]
-        if self.pergrad is not None:
-            if "method" not in state:
-                raise ValueError(f"--resume with --method {self.method_cfg.method}: {root / tag} holds no method state")
-            self.pergrad.load_state_dict(state["method"])
+        self._load_method_state(state, root / tag)
         dropped = self.sampler.load_resharded(samplers)
         torch.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)  # the old ranks' streams are gone
         if "lr" in changed:
@@ -277,7 +279,8 @@ class Trainer:
         self.metrics.write(self.step, "valid", out)
         if self.rank == 0:
             per = ", ".join(f"{n} {v:.3f}" for n, v in out["nll"].items())
-            print(f"valid step {self.step} | avg nll {out['avg_nll']:.4f} | {per}", flush=True)
+            missing = f" | no dev data: {', '.join(out['missing'])}" if out.get("missing") else ""
+            print(f"valid step {self.step} | avg nll {out['avg_nll']:.4f} | {per}{missing}", flush=True)
         return out["avg_nll"]
 
     def save(self, val_loss: float | None):
