@@ -143,7 +143,7 @@ def test_requeue_decision(monkeypatch, capsys):
     from megavac.train.preemption import Preemption
 
     pre = Preemption.__new__(Preemption)  # no handlers installed, no process group
-    pre.rank, pre.received = 0, None
+    pre.rank, pre.received, pre.stop_reason = 0, None, ""
     for k in ("SLURM_JOB_ID", "MEGAVAC_REQUEUE"):
         monkeypatch.delenv(k, raising=False)
     pre.stop_signal = signal.SIGUSR1
