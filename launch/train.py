@@ -39,18 +39,19 @@ def main(argv=None):
     from megavac import distributed
     from megavac.train.trainer import Trainer
 
-    try:
-        trainer = Trainer(data, train, method, args.ds_config)
-    except ValueError as e:  # user errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    from megavac.train.checkpoints import CheckpointWriteError
     from megavac.train.divergence import DivergenceError
 
+    # User errors, divergence (named step, no checkpoint written for it) and failed saves (`latest` did not
+    # move): one line, no traceback. The process group is left without its barrier (the other ranks may
+    # have stopped elsewhere), but this node's shared-memory buffers are released.
     try:
+        trainer = Trainer(data, train, method, args.ds_config)
         trainer.train()
-    except DivergenceError as e:  # named step, no checkpoint written for it: one line, not a traceback
+    except (ValueError, DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
+        distributed.release_shared_memory()
+        return 3 if isinstance(e, DivergenceError) else 2
     distributed.shutdown()
     return 0
 

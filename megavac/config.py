@@ -110,6 +110,17 @@ class TrainConfig:
     pipeline_stages: int | None = None
     """Pipeline-parallel stages (DeepSpeed PipelineModule, ZeRO-0/1); None keeps the ds_config's
     pipeline.stages, else 1 (no pipeline). The world size must be a multiple of it."""
+    layernorm_affine: bool = True
+    """LayerNorm gains and biases; --no-layernorm-affine removes them from every LayerNorm (the CATS paper's
+    ablation: the model then has no LayerNorm parameters)."""
+    family_experts: str = ""
+    """Family experts: comma-separated subset of ffn (each feed-forward block), attn (each self- and
+    cross-attention block), output (an untied output projection, initialised from the embedding) with one
+    copy per language family, each row going through its language's family's copy; empty: none. Training
+    runs every copy on every row (F families: F× those modules' compute); not with pipeline stages."""
+    family_map: str = ""
+    """TSV file of 'language<TAB>family' lines for --family-experts (language: a name like en-de or a pair
+    code like de); default: the corpus's families (the synthetic generator's; Glottolog's for real codes)."""
     seed: int = 1
     """Seed for parameters, data order and dropout."""
     save_dir: str = "runs/default"
@@ -149,6 +160,13 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
         if self.max_loss is not None and not (math.isfinite(self.max_loss) and self.max_loss > 0):
             raise ValueError(f"--max-loss must be a finite number > 0, got {self.max_loss!r}")
+        from megavac.model import parse_expert_modules
+
+        experts = parse_expert_modules(self.family_experts)  # an unknown module is named before anything starts
+        if self.family_map and not experts:
+            raise ValueError("--family-map is given without --family-experts (it only routes family experts)")
+        if self.family_map and not Path(self.family_map).is_file():
+            raise ValueError(f"--family-map {self.family_map} does not exist or is not a file")
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -231,12 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_config(train: TrainConfig, vocab_size: int, pad_id: int) -> ModelConfig:
+def model_config(train: TrainConfig, vocab_size: int, pad_id: int, tasks: list[dict] | None = None,
+                 corpus_dir: str | None = None) -> ModelConfig:
+    """The model of ``train``'s preset and ablation flags. With --family-experts, ``tasks`` (the training
+    languages' meta.json task dicts, in training order) and ``corpus_dir`` (meta.json's ``corpus``) give each
+    language's family (megavac.model.routing)."""
+    from megavac.model import parse_expert_modules
+
     if train.model not in PRESETS:
         raise ValueError(f"--model {train.model!r} is not one of {sorted(PRESETS)}")
-    kw = dict(PRESETS[train.model], vocab_size=vocab_size, pad_id=pad_id)
+    kw = dict(PRESETS[train.model], vocab_size=vocab_size, pad_id=pad_id, layernorm_affine=train.layernorm_affine)
     if train.dropout is not None:
         kw["dropout"] = train.dropout
+    experts = parse_expert_modules(train.family_experts)
+    if experts:
+        from megavac.model.routing import family_indices, language_families
+
+        if tasks is None:
+            raise ValueError("--family-experts needs the training languages to route them by family")
+        families, names = family_indices(language_families(tasks, corpus_dir, train.family_map or None))
+        kw.update(expert_modules=",".join(experts), families=families, family_names=names)
     return ModelConfig(**kw)
 
 

@@ -143,10 +143,16 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
-        from megavac.pergrad.ds_adapter import release_shm_buffers
+        release_shared_memory()
 
-        release_shm_buffers(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-                            int(os.environ.get("LOCAL_RANK", 0)))
+
+def release_shared_memory() -> None:
+    """Remove this rank's DeepSpeed CPU-communication buffers in /dev/shm (no collective: also on error
+    paths, where the other ranks may not reach a barrier)."""
+    from megavac.pergrad.ds_adapter import release_shm_buffers
+
+    release_shm_buffers(os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                        int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def barrier():

@@ -47,8 +47,9 @@ def per_language_losses(
 
 
 def forward_losses(engine, batch, num_langs: int, pad_id: int, smoothing: float):
-    """One forward of ``batch``: (loss shares [K] with graph, nll sums [K], tokens [K])."""
-    logits = engine(batch.src, batch.tgt_in)
+    """One forward of ``batch``: (loss shares [K] with graph, nll sums [K], tokens [K]). Each row's language
+    index goes along (``batch.lang``): family experts route by it (DeepSpeed's engine passes it on)."""
+    logits = engine(batch.src, batch.tgt_in, batch.lang)
     return per_language_losses(logits, batch.tgt_out, batch.lang, num_langs, pad_id, smoothing)
 
 

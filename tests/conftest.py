@@ -39,6 +39,23 @@ def small_synthetic(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
+def write_two_pair_corpus(root: Path) -> Path:
+    """A plain-layout corpus in ``root/corpus``: pairs xa (120 train lines, dev files present but empty)
+    and xb (120 train, 10 dev lines), from the synthetic generator's first two families."""
+    import random
+
+    from data_pipeline.synthetic import build_languages, generate_pairs
+
+    for i, code in enumerate(("xa", "xb")):
+        pairs = list(generate_pairs(build_languages(0)[i * 5], 130, random.Random(i), set()))
+        d = root / "corpus" / f"{code}-en"
+        d.mkdir(parents=True)
+        for split, rows in (("train", pairs[:120]), ("dev", pairs[120:] if code == "xb" else [])):
+            (d / f"{split}.{code}").write_text("".join(x + "\n" for _, x in rows), encoding="utf-8")
+            (d / f"{split}.en").write_text("".join(e + "\n" for e, _ in rows), encoding="utf-8")
+    return root / "corpus"
+
+
 def launch_env(**extra) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
     # pytest.ini's `pythonpath = . tests` for the launched scripts too: they run this checkout's megavac

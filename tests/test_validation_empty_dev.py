@@ -2,13 +2,11 @@
 listed as missing, never scored as a loss of 0."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from data_pipeline.prepare import PrepareConfig, prepare
-from data_pipeline.synthetic import build_languages, generate_pairs
+from conftest import write_two_pair_corpus
 from megavac.config import TrainConfig, model_config
 from megavac.data import MultilingualDataset
 from megavac.model import Transformer
@@ -21,13 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::data_pipeline.corpus.CorpusWarn
 def prepared(tmp_path_factory):
     """Pairs xa (dev files present but empty) and xb (10 dev lines), both directions."""
     root = tmp_path_factory.mktemp("empty_dev")
-    for i, code in enumerate(("xa", "xb")):
-        pairs = list(generate_pairs(build_languages(0)[i * 5], 130, random.Random(i), set()))
-        d = root / "corpus" / f"{code}-en"
-        d.mkdir(parents=True)
-        for split, rows in (("train", pairs[:120]), ("dev", pairs[120:] if code == "xb" else [])):
-            (d / f"{split}.{code}").write_text("".join(x + "\n" for _, x in rows), encoding="utf-8")
-            (d / f"{split}.en").write_text("".join(e + "\n" for e, _ in rows), encoding="utf-8")
+    write_two_pair_corpus(root)
     with pytest.warns(UserWarning, match="pair xa has no dev data, so en-xa, xa-en get no validation loss"):
         prepare(PrepareConfig(corpus=root / "corpus", out=root / "prepared", vocab_size=300, workers=1, quiet=True,
                               direction="both"))

@@ -243,15 +243,31 @@ def model_langs(model_meta: dict, data_dir, langs=None) -> list[str] | str | Non
     return names
 
 
+def language_index(model, trained: list[str] | None, what: str = "the model") -> dict[str, int] | None:
+    """``{name: language index}`` for a model with family experts, which routes each row by its language's
+    index in the training order ``trained``; None for other models (they take no language)."""
+    cfg = getattr(model, "cfg", None)
+    if not getattr(cfg, "experts", ()):
+        return None
+    if not trained:
+        raise ValueError(f"{what} has family experts ({cfg.expert_modules}), which route by the training language "
+                         "order, but its metadata lists no trained languages (data_fingerprint.langs)")
+    if len(trained) != len(cfg.families):
+        raise ValueError(f"{what} routes {len(cfg.families)} languages by family but lists {len(trained)} trained "
+                         f"languages ({trained})")
+    return {n: k for k, n in enumerate(trained)}
+
+
 def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = None, progress=None,
-             fingerprint: dict | None = None, what: str = "the model") -> dict:
+             fingerprint: dict | None = None, what: str = "the model", trained_langs: list[str] | None = None) -> dict:
     """Translate and score every selected language; writes ``<out_dir>/hyp.<task>.<split>.txt``.
 
     ``progress`` is an optional ``rich.progress.Progress`` (already started). ``fingerprint`` is the
     model's data fingerprint (``megavac.json``'s or the export's ``data_fingerprint``): a data dir prepared
     otherwise (another SentencePiece model, other tag ids) is refused, naming ``what``, before anything is
     decoded. Returns the result dict that ``write_json`` stores (without checkpoint fields, which the
-    caller adds).
+    caller adds). ``trained_langs``: the model's training languages in order (default: the fingerprint's),
+    whose positions a model with family experts routes each task's sentences by.
     """
     import sentencepiece as spm
 
@@ -274,6 +290,10 @@ def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = No
     if sp.get_piece_size() != meta["vocab_size"]:
         raise ValueError(f"{str(sp_file)!r} has {sp.get_piece_size()} pieces, "
                          f"meta.json says vocab_size={meta['vocab_size']}")
+    lang_index = language_index(model, trained_langs or (fingerprint or {}).get("langs"), what)
+    untrained = [t["name"] for t in tasks if lang_index is not None and t["name"] not in lang_index]
+    if untrained:
+        raise ValueError(f"{what} was not trained on {untrained} (its languages: {list(lang_index)})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(opts.device)
@@ -289,7 +309,8 @@ def evaluate(model, data_dir, out_dir, langs=None, opts: EvalOptions | None = No
         sources = encode_sources(sp, src_lines, task, meta["eos_id"], model.cfg.max_positions)
         start = time.perf_counter()
         advance = _progress_callback(progress, task["name"], len(sources))
-        ids = translate(model, sources, search, opts.max_tokens, opts.device, advance)
+        ids = translate(model, sources, search, opts.max_tokens, opts.device, advance,
+                        lang=None if lang_index is None else lang_index[task["name"]])
         hyps = [sp.decode(h) for h in ids]
         seconds = time.perf_counter() - start
 

@@ -259,6 +259,10 @@ class Translator:
                               pad_id=self.ids["pad_id"])
         self.device = device
         self.model = model.to(device).eval()
+        from megavac.evaluation.evaluate import language_index
+
+        # A model with family experts routes each sentence by its language's index (``tasks`` are in training order).
+        self.lang_index = language_index(model, [t["name"] for t in self.tasks], source)
 
     def task(self, to: str, src: str | None = None) -> dict:
         return pick_task(self.tasks, to, src)
@@ -273,7 +277,8 @@ class Translator:
         if keep:
             sources = encode_sources(self.sp, [lines[i] for i in keep], task, self.ids["eos_id"],
                                      self.model.cfg.max_positions)
-            ids = translate(self.model, sources, self.search, max_tokens, self.device, progress, max_sentences)
+            ids = translate(self.model, sources, self.search, max_tokens, self.device, progress, max_sentences,
+                            lang=None if self.lang_index is None else self.lang_index[task["name"]])
             for i, hyp in zip(keep, ids):
                 # One output line per input line, whatever the detokeniser makes of odd pieces.
                 out[i] = self.sp.decode(hyp).replace("\r", " ").replace("\n", " ")

@@ -7,6 +7,9 @@ quadratic cost is paid only by the long ones.
 
 Scores are summed log-probabilities; a finished hypothesis of ``n`` tokens (EOS included) is
 ranked by ``score / n ** lenpen`` (fairseq's simple length normalisation, GNMT without the +5).
+
+``lang`` (each sentence's language index in the model's training order) goes to the model's ``encode``
+and ``decode`` when given: a model with family experts routes each row by it (and refuses to run without).
 """
 from __future__ import annotations
 
@@ -53,9 +56,14 @@ def max_lengths(src: torch.Tensor, cfg: SearchConfig, max_positions: int) -> tor
     return n.clamp(min=cfg.min_len, max=max_positions - 1)
 
 
-def _next_lprobs(model, tokens, memory, src, step, max_len, cfg: SearchConfig) -> torch.Tensor:
+def _lang_kw(lang) -> dict:
+    """The ``lang`` keyword for the model's encode/decode: only when given (other models need not take it)."""
+    return {} if lang is None else {"lang": lang}
+
+
+def _next_lprobs(model, tokens, memory, src, step, max_len, cfg: SearchConfig, lang=None) -> torch.Tensor:
     """Log-probabilities [N, V] for the next token, with the decoding constraints applied."""
-    logits = model.decode(tokens, memory, src, last_only=True)[:, -1]
+    logits = model.decode(tokens, memory, src, last_only=True, **_lang_kw(lang))[:, -1]
     lprobs = F.log_softmax(logits.float(), dim=-1)
     lprobs[:, cfg.pad_id] = NEG_INF
     lprobs[:, cfg.bos_id] = NEG_INF
@@ -70,29 +78,31 @@ def _next_lprobs(model, tokens, memory, src, step, max_len, cfg: SearchConfig) -
     return lprobs
 
 
-def greedy_search(model, src: torch.Tensor, cfg: SearchConfig) -> list[list[int]]:
-    """Arg-max decoding; a sentence stops at its first EOS (or its length cap)."""
+def greedy_search(model, src: torch.Tensor, cfg: SearchConfig, lang: torch.Tensor | None = None) -> list[list[int]]:
+    """Arg-max decoding; a sentence stops at its first EOS (or its length cap). ``lang`` [B]: each
+    sentence's language index (needed by a model with family experts)."""
     with torch.inference_mode():
-        return _greedy(model, src, cfg)
+        return _greedy(model, src, cfg, lang)
 
 
-def beam_search(model, src: torch.Tensor, cfg: SearchConfig) -> list[list[int]]:
+def beam_search(model, src: torch.Tensor, cfg: SearchConfig, lang: torch.Tensor | None = None) -> list[list[int]]:
     """Best hypothesis per sentence of a padded source batch ``src`` [B, S] (framed ids).
 
-    Hypotheses are returned without BOS/EOS; ``cfg.beam == 1`` is plain greedy decoding.
+    Hypotheses are returned without BOS/EOS; ``cfg.beam == 1`` is plain greedy decoding. ``lang`` [B]:
+    each sentence's language index (needed by a model with family experts).
     """
     with torch.inference_mode():
-        return _greedy(model, src, cfg) if cfg.beam == 1 else _beam(model, src, cfg)
+        return _greedy(model, src, cfg, lang) if cfg.beam == 1 else _beam(model, src, cfg, lang)
 
 
-def _greedy(model, src, cfg):
+def _greedy(model, src, cfg, lang=None):
     B = src.shape[0]
     max_len = max_lengths(src, cfg, model.cfg.max_positions)
-    memory = model.encode(src)
+    memory = model.encode(src, **_lang_kw(lang))
     tokens = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     for step in range(int(max_len.max()) + 1):
-        lprobs = _next_lprobs(model, tokens, memory, src, step, max_len, cfg)
+        lprobs = _next_lprobs(model, tokens, memory, src, step, max_len, cfg, lang)
         nxt = lprobs.argmax(-1).masked_fill(done, cfg.pad_id)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
         done |= nxt == cfg.eos_id
@@ -124,7 +134,7 @@ def _live_bound(scores, step, max_len, lenpen):
     return torch.maximum(best / shortest**lenpen, best / longest**lenpen)
 
 
-def _beam(model, src, cfg):
+def _beam(model, src, cfg, lang=None):
     B, K, dev = src.shape[0], cfg.beam, src.device
     max_len = max_lengths(src, cfg, model.cfg.max_positions)
     cap = int(max_len.max()) + 1  # longest finished hypothesis, EOS included
@@ -136,14 +146,15 @@ def _beam(model, src, cfg):
     # Live beams of the still-active sentences; `alive` maps active rows to batch rows.
     alive = torch.arange(B, device=dev)
     src_k = src.repeat_interleave(K, 0)
-    memory = model.encode(src).repeat_interleave(K, 0)
+    lang_k = None if lang is None else lang.repeat_interleave(K, 0)
+    memory = model.encode(src, **_lang_kw(lang)).repeat_interleave(K, 0)
     tokens = torch.full((B * K, 1), cfg.bos_id, dtype=torch.long, device=dev)
     scores = torch.full((B, K), NEG_INF, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first one
 
     for step in range(cap):
         N = alive.numel()
-        lprobs = _next_lprobs(model, tokens, memory, src_k, step, max_len[alive].repeat_interleave(K), cfg)
+        lprobs = _next_lprobs(model, tokens, memory, src_k, step, max_len[alive].repeat_interleave(K), cfg, lang_k)
         V = lprobs.shape[-1]
         cand = (scores[:, :, None] + lprobs.view(N, K, V)).view(N, K * V)
         # 2K candidates guarantee K non-EOS continuations even if K of them end.
@@ -182,6 +193,7 @@ def _beam(model, src, cfg):
             rows = (keep[:, None] * K + torch.arange(K, device=dev)).view(-1)
             alive, scores = alive[keep], scores[keep]
             tokens, memory, src_k = tokens[rows], memory[rows], src_k[rows]
+            lang_k = None if lang_k is None else lang_k[rows]
 
     best = fin_scores.argmax(1)
     return [_strip(row, cfg) for row in fin_tokens[torch.arange(B, device=dev), best].tolist()]
@@ -225,25 +237,36 @@ def translate(
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
     max_sentences: int | None = None,
+    lang: int | Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Decode encoder inputs (already framed by ``tokens.source_ids``), in their original order.
 
     Sentences are sorted by length into batches of ``max_tokens`` source tokens (padding
     included; the beam multiplies the real work by ``beam``) and at most ``max_sentences``
     sentences. ``progress(n)`` is called after each batch with the number of sentences it held.
+    ``lang``: the language index (in the model's training order) of all sources, or of each; a model
+    with family experts needs it to route the rows.
     """
     cfg = cfg or SearchConfig()
     max_pos = model.cfg.max_positions
     for i, s in enumerate(sources):
         if len(s) == 0 or len(s) > max_pos:
             raise ValueError(f"source {i} has {len(s)} tokens; expected 1..max_positions={max_pos}")
+    langs = None
+    if lang is not None:
+        lang = lang.tolist() if isinstance(lang, torch.Tensor) else lang
+        langs = [int(k) for k in lang] if isinstance(lang, (list, tuple)) else [int(lang)] * len(sources)
+        if len(langs) != len(sources):
+            raise ValueError(f"{len(langs)} language indices for {len(sources)} sources")
     was_training = model.training
     model.eval()
     out: list[list[int] | None] = [None] * len(sources)
     try:
         for idx in length_batches([len(s) for s in sources], max_tokens, max_sentences):
             src = _pad([sources[i] for i in idx], cfg.pad_id, device)
-            for i, hyp in zip(idx, beam_search(model, src, cfg)):
+            batch_lang = None if langs is None else torch.tensor([langs[i] for i in idx], dtype=torch.long,
+                                                                 device=src.device)
+            for i, hyp in zip(idx, beam_search(model, src, cfg, batch_lang)):
                 out[i] = hyp
             if progress is not None:
                 progress(len(idx))

@@ -24,8 +24,10 @@ def group_label(name: str, granularity: str) -> str:
       output projection) serves both sides, so it is a group of its own rather than part of either:
       put into the decoder, the output projection's gradient (the largest matrix, written by every
       target token) would dominate the decoder's Gram; put into the encoder, it would make the encoder
-      group mostly decoder signal. The final norms go with their stacks.
-    * all_layer: "embed", "encoder.<i>", "encoder.norm", "decoder.<i>", "decoder.norm".
+      group mostly decoder signal. The final norms go with their stacks. Per-family output projections
+      (``--family-experts output``: ``output.experts.<f>.weight``) are the group "output", for the same reason.
+    * all_layer: "embed", "encoder.<i>", "encoder.norm", "decoder.<i>", "decoder.norm" (and "output").
+      Family experts inside a layer (``encoder.<i>.ffn.fn.experts.<f>.*``) belong to that layer.
     * all_matrix: the parameter's own name (one group per tensor, biases and LayerNorm weights too).
     Names outside the Transformer's layout fall back to their first component.
     """

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavac.loss import LossTally, per_language_losses
-from megavac.model import DecoderLayer, EncoderLayer, ModelConfig, embed_tokens, init_embedding, key_mask
+from megavac.model import DecoderLayer, EncoderLayer, ModelConfig, embed_tokens, init_embedding, key_mask, layer_norm
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -78,7 +78,7 @@ class EncoderNormPipe(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else nn.Identity()
+        self.norm = layer_norm(cfg) if cfg.pre_ln else nn.Identity()
 
     def forward(self, inputs):
         x, y, src = inputs
@@ -99,7 +99,7 @@ class DecoderLayerPipe(DecoderLayer):
 class DecoderNormPipe(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model) if cfg.pre_ln else nn.Identity()
+        self.norm = layer_norm(cfg) if cfg.pre_ln else nn.Identity()
 
     def forward(self, y):
         return self.norm(y)
@@ -128,7 +128,12 @@ def num_layers(cfg: ModelConfig) -> int:
 
 
 def check_stages(cfg: ModelConfig, num_stages: int) -> None:
-    """ValueError unless the model can be cut into ``num_stages`` pipeline stages."""
+    """ValueError unless the model can be cut into ``num_stages`` pipeline stages. Family experts are refused:
+    their routing needs each row's language on every stage, which the pipeline's activations do not carry."""
+    if num_stages > 1 and cfg.experts:
+        raise ValueError(f"--family-experts {cfg.expert_modules} is not supported with pipeline parallelism "
+                         f"(--pipeline-stages {num_stages}): the pipeline's stages do not receive each row's language; "
+                         "train family experts without a pipeline (ZeRO-1/2/3)")
     if num_stages > num_layers(cfg):
         raise ValueError(f"--pipeline-stages {num_stages} exceeds the model's {num_layers(cfg)} pipeline layers "
                          f"({cfg.enc_layers} encoder + {cfg.dec_layers} decoder layers, the embedding, the output "
@@ -212,8 +217,9 @@ def plain_state_dict_from_layer_files(tag_dir, cfg: ModelConfig) -> dict[str, to
     for idx in range(num_layers(cfg) - 1):  # the output layer shares layer 0's weight and has no file
         files = sorted(glob.glob(str(tag_dir / f"layer_{idx:02d}-*model_states.pt")))
         if not files:
-            if idx in (cfg.enc_layers + 1, cfg.enc_layers + cfg.dec_layers + 2) and not cfg.pre_ln:
-                continue  # post-LN final norms are Identity: nothing to save
+            if idx in (cfg.enc_layers + 1, cfg.enc_layers + cfg.dec_layers + 2) and not (
+                    cfg.pre_ln and cfg.layernorm_affine):
+                continue  # post-LN final norms are Identity, norms without affine have no parameters
             raise ValueError(f"pipelined checkpoint {str(tag_dir)!r} lacks layer_{idx:02d}-*model_states.pt")
         state = torch.load(files[0], map_location="cpu", weights_only=True)
         prefix = plain_prefix(cfg, idx)

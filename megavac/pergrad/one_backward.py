@@ -147,7 +147,9 @@ class _Taps:
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 self._patch(m, "forward", lambda x, m=m: self._linear_forward(m, x))
-            elif isinstance(m, (nn.LayerNorm, nn.Embedding)):
+            elif isinstance(m, (nn.LayerNorm, nn.Embedding)) and (m.weight is not None
+                                                                   or getattr(m, "bias", None) is not None):
+                # (a LayerNorm without gain and bias, --no-layernorm-affine, has nothing to collect)
                 self.handles.append(m.register_forward_hook(self._forward))
             # The tied output projection logits = y Eᵀ (``project`` of the Transformer, or of the
             # pipeline's embedding layer on the last stage) is no module of its own.

@@ -14,7 +14,10 @@ What is checked and estimated (every number is per GPU unless said otherwise):
 * world size (``--world-size``, else ``WORLD_SIZE``, else ``SLURM_NTASKS``, else 1), pipeline stages and
   the data-parallel degree DP = world / stages; tokens per update = max_tokens × DP × grad_accum; DeepSpeed's
   nominal ``train_batch_size`` = micro (1) × grad_accum × DP;
-* model parameters (the preset built on the ``meta`` device: no memory, no initialisation cost);
+* model parameters (the preset built on the ``meta`` device: no memory, no initialisation cost), with the
+  ablations: ``--no-layernorm-affine`` (no LayerNorm parameters) and ``--family-experts`` (each routed
+  module once per language family: its parameters, and in training its compute and activations, × the
+  number of families F; the families are resolved as training resolves them; refused with pipeline stages);
 * memory for model states under the ZeRO stage and precision, next to DeepSpeed's own estimators, plus a
   rough activation estimate for ``--max-tokens``;
 * per-language gradient methods: the fp32 gradient slices (one per language present) megavac/pergrad keeps, and the
@@ -166,13 +169,23 @@ def activation_bytes(cfg, max_tokens: int, precision: str) -> float:
     token; embeddings 2d; the output: fp32 log-probabilities and their gradient, 8 bytes × vocab per target
     token. Attention is fused (SDPA), so no T×T score matrices. A per-language step keeps this graph for its
     K backward passes, so the same figure applies.
+
+    Family experts (F families) run every copy on every row in training: a routed FFN keeps F × its
+    2·d_ff elements and d_ff mask bytes, a routed attention block F × its queries, keys, values and context
+    (self-attention 4d per token; cross-attention 2d per target token and its keys/values 2d per source
+    token); per-family output projections keep no
+    more for the backward (the row selection saves only the mask) but hold two more [T, vocab] logits
+    transiently.
     """
     a = 2 if precision in ("bf16", "fp16") else 4
     d, ff, T = cfg.d_model, cfg.d_ff, max_tokens
-    enc = cfg.enc_layers * ((8 * d + 2 * ff) * a + (2 * d + ff)) * T
-    dec = cfg.dec_layers * (((12 * d + 2 * ff) * a + (3 * d + ff)) * T + 2 * d * a * T)
+    experts, F = getattr(cfg, "experts", ()), max(getattr(cfg, "num_families", 0), 1)
+    f_ffn, f_att = (F if "ffn" in experts else 1), (F if "attn" in experts else 1)
+    enc = cfg.enc_layers * ((4 * d + 4 * d * f_att + 2 * ff * f_ffn) * a + (2 * d + ff * f_ffn)) * T
+    dec = cfg.dec_layers * (((6 * d + 6 * d * f_att + 2 * ff * f_ffn) * a + (3 * d + ff * f_ffn)) * T
+                            + 2 * d * a * f_att * T)
     emb = 2 * (2 * d * a) * T
-    out = 8 * cfg.vocab_size * T
+    out = 8 * cfg.vocab_size * T + (2 * a * cfg.vocab_size * T if "output" in experts and F > 1 else 0)
     return float(enc + dec + emb + out)
 
 
@@ -240,7 +253,7 @@ def _data_info(data, plan: Plan) -> dict | None:
         plan.problems.append(f"{path}: no training data for {', '.join(empty)} (empty train split); re-prepare with "
                              "a corpus that has it, or leave these languages out with --langs")
     return {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], "names": [t["name"] for t in langs],
-            "sizes": sizes, "path": path, "langs": langs}
+            "sizes": sizes, "path": path, "langs": langs, "corpus": meta.get("corpus")}
 
 
 def _check_dev_lengths(info: dict, max_positions: int, plan: Plan) -> None:
@@ -345,10 +358,15 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     info = _data_info(data, plan)
     _check_save_dir(train, plan)
 
-    # Model on the meta device: shapes only.
+    # Model on the meta device: shapes only. Family experts are routed by the languages' families, resolved
+    # as training resolves them (the synthetic default's codes name their generator family).
     vocab, pad = (info["vocab_size"], info["pad_id"]) if info else (64000, 0)
+    tasks = (info.get("langs") or [{"name": n, "pair": n.split("-", 1)[1]} for n in info["names"]]) if info else None
+    if tasks is None and train.family_experts:
+        plan.notes.append("--family-experts not planned: without the data's languages their families are unknown")
+        train = replace(train, family_experts="", family_map="")
     try:
-        mcfg = model_config(train, vocab, pad)
+        mcfg = model_config(train, vocab, pad, tasks, info.get("corpus") if info else None)
     except ValueError as e:
         plan.problems.append(str(e))
         return plan
@@ -357,6 +375,8 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     params = model.num_parameters()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     embed = model.embed.weight.numel()
+    norm_params = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+    expert_params = model.expert_parameters()
 
     # Parallelism, then the ds_config merged for the data-parallel degree (DeepSpeed's train_batch_size).
     ds0 = None
@@ -397,8 +417,21 @@ def make_plan(data, train, method, ds_config_path: str, world_size: int | None =
     plan.add("model", "preset", f"{train.model}: d_model {mcfg.d_model}, {mcfg.enc_layers}+{mcfg.dec_layers} layers, "
                                 f"d_ff {mcfg.d_ff}, heads {mcfg.n_heads}, vocab {vocab}")
     plan.add("model", "parameters", f"{params:,} (embedding, tied: {embed:,}; largest layer {largest:,})")
+    plan.add("model", "LayerNorm", f"gains and biases: {norm_params:,} parameters" if mcfg.layernorm_affine else
+             "no gains or biases (--no-layernorm-affine): 0 LayerNorm parameters")
+    if mcfg.experts:
+        F = mcfg.num_families
+        fams = ", ".join(f"{n} ({sum(f == i for f in mcfg.families)})" for i, n in enumerate(mcfg.family_names))
+        plan.add("model", "family experts",
+                 f"{mcfg.expert_modules} × {F} families: {expert_params:,} of the parameters are experts, {F} × "
+                 f"{expert_params // F:,} (the routed modules' parameters are multiplied by the number of families; "
+                 f"the model states, the per-language slices and the activations of the routed modules below "
+                 f"count them); training runs every copy on every row ({F}× the routed modules' compute), "
+                 f"inference each row's own family's copy only")
+        plan.add("model", "families (languages)", fams)
     plan.numbers.update(world=world, stages=pipeline_stages, dp=dp, params=params, largest_layer=largest,
-                        vocab_size=vocab)
+                        vocab_size=vocab, layernorm_params=norm_params, expert_params=expert_params,
+                        families=mcfg.num_families)
     if info:
         plan.add("data", "languages", f"{len(info['names'])}: {', '.join(info['names'][:12])}"
                                   f"{' …' if len(info['names']) > 12 else ''}")

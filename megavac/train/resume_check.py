@@ -38,7 +38,7 @@ def effective_settings(data, train, method, model, ds: dict) -> dict:
 
     from megavac.config import precision_of
 
-    m = asdict(model) if not isinstance(model, dict) else dict(model)
+    m = normal_model(asdict(model) if not isinstance(model, dict) else model)
     dropout = m.pop("dropout", None)
     return {
         "model": m, "dropout": dropout, "seed": train.seed, "precision": precision_of(ds),
@@ -58,6 +58,16 @@ def effective_settings(data, train, method, model, ds: dict) -> dict:
     }
 
 
+def normal_model(model: dict) -> dict:
+    """A saved model dict with ModelConfig's defaults filled in: ``to_dict`` leaves out options at their
+    defaults (so older checkpoints stay comparable), and a missing key must read as its default."""
+    from dataclasses import MISSING, fields
+
+    from megavac.model import ModelConfig
+
+    return {**{f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}, **model}
+
+
 def _flag(key: str) -> str:
     return {"model": "--model", "method_options": "the --<method>-* options", "precision": "--precision",
             "clip_norm": "--clip-norm"}.get(key, "--" + key.replace("_", "-"))
@@ -75,6 +85,8 @@ def compare(saved: dict | None, now: dict, where: str) -> dict[str, tuple]:
     ``saved`` None (a checkpoint written before settings were saved) compares nothing."""
     if saved is None:
         return {}
+    if isinstance(saved.get("model"), dict):  # dropout is compared on its own (it may change)
+        saved = {**saved, "model": {k: v for k, v in normal_model(saved["model"]).items() if k != "dropout"}}
     refused = [f"{_flag(k)} ({_diff(saved[k], now[k])}): it fixes {why}"
                for k, why in FIXED.items() if k in saved and saved[k] != now[k]]
     if refused:

@@ -91,13 +91,18 @@ class Trainer:
 
         self.ds_config = merge_ds_config(load_ds_config(ds_config_path), train, self.world)
         self.stages = self.ds_config.get("pipeline", {}).get("stages", 1)
-        self.resume_from = self._saved_meta() if train.resume else (None, None)
+        # The checkpoint to resume from is chosen (verified, else the newest that verifies) before the engine
+        # exists: its layout decides how the engine is built.
+        self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info={})
+        self.resume_tag = self.checkpointer.choose_resume_tag() if train.resume else None
+        self.resume_from = self._saved_meta()
         self.reshard = self.resume_from[0] is not None and \
             reshard.layout(self.resume_from[0]) != (self.world, self.stages)
         if self.reshard:  # another layout: DeepSpeed's universal checkpoint, which the engine must know at build
             reshard.check_supported(self.resume_from[0], self.world, self.stages, self.resume_from[1].parent)
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"])
+        self.model_cfg = model_config(train, meta["vocab_size"], meta["pad_id"], self.train_data.langs,
+                                      meta.get("corpus"))  # the languages: --family-experts routes by their family
         self.runner = None
         if self.stages > 1:
             from megavac.model.pipeline import PipelineLoss, make_pipeline_module
@@ -154,7 +159,7 @@ class Trainer:
                 "settings": self.settings, "langs": self.train_data.names, "world_size": self.world,
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": precision_of(self.ds_config),
                 "method": method.method, "pipeline_stages": self.stages}
-        self.checkpointer = Checkpointer(train.save_dir, self.rank, train.keep_last, info)
+        self.checkpointer.info = info
         self.preemption = Preemption(self.rank, self.device)  # SIGTERM/SIGUSR1: checkpoint, exit, requeue
         self.step, self._converted = 0, None
         if train.resume:
@@ -178,18 +183,14 @@ class Trainer:
             f"{n} {p:.3f}" for n, p in zip(self.train_data.names, self.probs)), flush=True)
 
     def _saved_meta(self) -> tuple[dict, Path] | tuple[None, None]:
-        """megavac.json of the checkpoint ``latest`` names (else of the newest tag folder that has one)."""
-        root = Path(self.cfg.save_dir) / "checkpoints"
-        latest = root / "latest"
-        tag = latest.read_text().strip() if latest.is_file() else ""
-        candidates = ([root / tag] if tag else []) + sorted(
-            (d for d in root.glob("step_*") if d.name[5:].isdigit()), key=lambda d: -int(d.name[5:]))
-        for d in candidates:
-            try:
-                return json.loads((d / "megavac.json").read_text()), d / "megavac.json"
-            except (OSError, ValueError):
-                continue
-        return None, None
+        """megavac.json of the checkpoint chosen for --resume (it verified, so it is readable)."""
+        if self.resume_tag is None:
+            return None, None
+        f = self.checkpointer.tag_dir(self.resume_tag) / "megavac.json"
+        try:
+            return json.loads(f.read_text()), f
+        except (OSError, ValueError) as e:  # a checkpoint written before checksums existed
+            raise ValueError(f"--resume: {f} cannot be read: {e}") from None
 
     def _check_resume_settings(self) -> dict:
         """Refuse, by name, a resume on other data or with settings that cannot change; return the
@@ -214,12 +215,11 @@ class Trainer:
         if self.reshard:
             self._resume_resharded(changed)
             return
-        loaded = self.checkpointer.load_latest(self.engine)
-        if loaded is None:
+        if self.resume_tag is None:
             if self.rank == 0:
                 print(f"--resume: no checkpoint in {self.checkpointer.root}, starting from scratch", flush=True)
             return
-        state, rank_state = loaded
+        state, rank_state = self.checkpointer.load_latest(self.engine, tag=self.resume_tag)
         self.step = state["step"]
         self._load_method_state(state, self.checkpointer.root)
         self.sampler.load_state_dict(rank_state["sampler"])
@@ -243,8 +243,8 @@ class Trainer:
                              "method state (it was trained without a method)")
 
     def _resume_resharded(self, changed: dict):
-        saved, where = self.resume_from
-        root, tag = self.checkpointer.root, where.parent.name
+        saved, _ = self.resume_from
+        root, tag = self.checkpointer.root, self.resume_tag
         state, samplers = reshard.load(self.engine, root, tag, saved, self.rank, self.dp_rank)
         self.step = state["step"]
         self.checkpointer.best_loss = state["best_loss"]
