@@ -349,7 +349,7 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes_exactly(slurm, small_synth
                                      capture_output=True)
     info = wait_job(env, job, on_pending_requeue=release)
     log = (tmp_path / f"pre-{job}.out").read_text()  # --open-mode=append: both runs
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
     stopped = int(re.search(r"stopped by SIGUSR1 at step (\d+): requeued SLURM job", log).group(1))
     assert interval <= stopped < steps, log[-4000:]
     assert "batch script got SIGUSR1" in log and f"resumed from step {stopped}" in log and "(restart 1)" in log

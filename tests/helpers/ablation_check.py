@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -119,3 +121,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()  # then skip the teardown that can abort on gloo's threads (as launch/train.py does)
+    os._exit(0)
