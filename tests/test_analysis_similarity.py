@@ -211,6 +211,9 @@ def test_clustering_recovers_families_and_spearman(tmp_path, capsys):
     p = 23 / 120  # within-family share of the 120 pairs (families of 6, 3, 3, 2, 2)
     assert s["family_spearman"] == pytest.approx(np.sqrt(3 * p * (1 - p)), abs=0.03)
     assert s["genetic_distance_spearman"] < -0.6  # similarity falls with Glottolog distance
+    assert s["family_spearman_of_mean_cos"] == pytest.approx(s["family_spearman_max"], abs=0.01)
+    assert all(r == pytest.approx(s["family_spearman_max"], abs=0.01)
+               for r in s["family_spearman_of_mean_cos_per_group"].values())
     assert s["mean_cos_within_family"] > 0.8 > 0.2 > abs(s["mean_cos_across_family"])
     # Thresholds as in evaluation: < 100k low, >= 1M high.
     assert {lang["resource"] for lang in res["langs"] if lang["train_pairs"] < 100_000} == {"low"}
@@ -229,6 +232,7 @@ def test_clustering_recovers_families_and_spearman(tmp_path, capsys):
     res2 = sim.analyse(run2)
     assert abs(res2["summary"]["family_spearman"]) < 0.1
     assert abs(res2["summary"]["genetic_distance_spearman"]) < 0.1
+    assert abs(res2["summary"]["family_spearman_of_mean_cos"]) < 0.2
 
 
 def test_cluster_and_adjusted_rand_directly():

@@ -99,6 +99,8 @@ def run(args) -> int:
     print(f"family_spearman {_fmt(s['family_spearman'])} (cosine vs same family, mean over {s['spearman_steps']} steps; "
           f"a perfect separation would give {_fmt(s['family_spearman_max'])})"
           f" | genetic_distance_spearman {_fmt(s['genetic_distance_spearman'])} | family_ari {_fmt(s['family_ari'])}")
+    groups = ", ".join(f"{g} {_fmt(r)}" for g, r in s["family_spearman_of_mean_cos_per_group"].items())
+    print(f"on cosines averaged over the steps: family_spearman {_fmt(s['family_spearman_of_mean_cos'])} | per group: {groups}")
     for what, path in written.items():
         print(f"{what}: {path}")
     return 0
@@ -419,6 +421,7 @@ def analyse(run_dir, steps: list[int] | None = None, order: str = "family", data
 
     curves = {s: {g: [] for g in curve_groups} for s in SUBSETS}
     rho_fam, rho_max, rho_dist, nonfinite = [], [], [], []
+    group_acc: dict[str, list] = {}
     cos_sum, cos_n = np.zeros((K, K)), np.zeros((K, K))
     kept: dict[int, dict] = {}
     for path in paths:
@@ -454,12 +457,21 @@ def analyse(run_dir, steps: list[int] | None = None, order: str = "family", data
         ok = np.isfinite(cos_whole)
         cos_sum[ok] += cos_whole[ok]
         cos_n[ok] += 1
+        for g, m in per_group.items():  # per-group means over steps: one step's Gram is noisy
+            acc = group_acc.setdefault(g, [np.zeros((K, K)), np.zeros((K, K))])
+            ok = np.isfinite(m)
+            acc[0][ok] += m[ok]
+            acc[1][ok] += 1
         if log.step in heat_steps:
             kept[log.step] = {"groups": per_group, "gamma": magnitude_similarity(whole),
                               "present": present(whole).tolist()}
 
     with np.errstate(invalid="ignore"):
         cos_mean = np.where(cos_n > 0, cos_sum / np.maximum(cos_n, 1), np.nan)
+        group_mean = {g: np.where(n > 0, t / np.maximum(n, 1), np.nan) for g, (t, n) in group_acc.items()}
+    # The same rank correlation on cosines averaged over the logged steps, whole model and per group: the
+    # per-step number above is diluted by each step's sampling noise, the mean is not.
+    of_mean = {g: spearman(m[upper], same[upper]) for g, m in group_mean.items()}
     seen = [i for i in range(K) if cos_n[i, i] > 0]
     fam_clusters = sorted(set(families[i] for i in seen))
     dendro = {"langs": [names[i] for i in seen], "absent": [names[i] for i in range(K) if i not in seen],
@@ -490,6 +502,8 @@ def analyse(run_dir, steps: list[int] | None = None, order: str = "family", data
         "family_spearman_max": float(np.mean(rho_max)) if rho_max else None,
         "genetic_distance_spearman": float(np.mean(rho_dist)) if rho_dist else None,
         "family_ari": ari,
+        "family_spearman_of_mean_cos": of_mean.get("model"),
+        "family_spearman_of_mean_cos_per_group": {g: r for g, r in of_mean.items() if g != "model"},
         "spearman_steps": len(rho_fam),
         "mean_cos_within_family": mean_over(cos_mean, subsets["within family"]),
         "mean_cos_across_family": mean_over(cos_mean, subsets["across family"]),
