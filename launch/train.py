@@ -39,11 +39,10 @@ def main(argv=None):
     from megavac import distributed
     from megavac.train.trainer import Trainer
 
-    from megavac.train.checkpoints import CheckpointWriteError
     from megavac.train.divergence import DivergenceError
 
-    # User errors, divergence (named step, no checkpoint written for it) and failed saves (`latest` did not
-    # move): one line, no traceback. The process group is left without its barrier (the other ranks may
+    # User errors, divergence (named step, no checkpoint written for it) and failed saves (CheckpointWriteError,
+    # a ValueError: `latest` did not move): one line, no traceback. The process group is left without its barrier (the other ranks may
     # have stopped elsewhere), but this node's shared-memory buffers are released.
     try:
         trainer = Trainer(data, train, method, args.ds_config)

@@ -150,11 +150,11 @@ class TrainConfig:
         """ValueError naming the first flag whose value cannot work (checked before anything starts: an
         interval of 0 would otherwise fail only after the first update)."""
         for name in ("max_steps", "save_interval", "log_interval", "lang_log_interval", "valid_interval",
-                     "valid_max_tokens", "max_skipped_steps"):
+                     "valid_max_tokens", "max_skipped_steps", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "keep_last"):
+        for name in ("keep_last",):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")

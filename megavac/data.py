@@ -307,7 +307,8 @@ class TemperatureSampler:
                              f"ranks, got ranks {sorted(s.get('rank', -1) for s in states)}")
         for s in states:
             self._check_compatible(s)
-        assert len({s["pos"] for s in states}) == 1, "data-parallel ranks disagree on the pool position"
+        if len({s["pos"] for s in states}) != 1:
+            raise ValueError(f"the saved sampler states disagree on the pool position: {[s['pos'] for s in states]}")
         counts = np.sum([np.asarray(s["counts"], dtype=np.int64) for s in states], axis=0)
         self.counts = counts if self.rank == 0 else np.zeros_like(counts)
         if states[0]["pool_start"] is None:

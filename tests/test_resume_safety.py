@@ -84,6 +84,7 @@ def test_resume_with_a_setting_that_cannot_change_is_refused_by_name(trained, sm
     p = train(small_synthetic, save, "--max-steps", "4", "--resume", flag, value, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert named in p.stderr and "cannot change on resume" in p.stderr
+    assert not (save / "run.lock").exists()  # a refused start frees the run directory for the corrected one
 
 
 def test_resume_with_another_lr_applies_it_and_says_so(trained, small_synthetic, tmp_path):

@@ -80,10 +80,13 @@ def average_checkpoints(root, tags: list[str]) -> tuple[dict[str, torch.Tensor],
 
 
 def _check_compatible(first: dict, other: dict) -> None:
+    from megavac.train.resume_check import normal_model
+
     a, b = first["source"], other["source"]
-    if first["model"] != other["model"]:
-        diff = sorted(k for k in set(first["model"]) | set(other["model"])
-                      if first["model"].get(k) != other["model"].get(k))
+    # Dropout may change on --resume and does not change the weights' meaning: not compared.
+    ma, mb = ({k: v for k, v in normal_model(m["model"]).items() if k != "dropout"} for m in (first, other))
+    if ma != mb:
+        diff = sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
         raise ValueError(f"cannot average {b} with {a}: their model configs differ in {diff}")
     if first.get("langs") and other.get("langs") and first["langs"] != other["langs"]:
         raise ValueError(f"cannot average {b} with {a}: trained on the languages {other['langs']} vs {first['langs']}")

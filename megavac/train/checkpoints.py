@@ -181,12 +181,21 @@ def check_file(tag_dir: Path, name: str, entry: dict) -> str | None:
     return None
 
 
+def _written_with_checksums(meta_file: Path) -> bool:
+    """A ``megavac.json`` of the checksummed format (it records the data fingerprint): its folder without a
+    manifest is a save killed between the two files, not a checkpoint from before manifests."""
+    try:
+        return "data_fingerprint" in json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return True  # half-written: certainly not a finished older checkpoint
+
+
 def read_manifest(tag_dir: Path) -> tuple[str, object]:
     """("ok", files) | ("unverified", why) for a tag written before manifests (it has ``megavac.json``) |
     ("incomplete", why) for a save that did not finish | ("corrupt", why) for an unreadable manifest."""
     path = tag_dir / MANIFEST
     if not path.is_file():
-        if (tag_dir / "megavac.json").is_file():
+        if (tag_dir / "megavac.json").is_file() and not _written_with_checksums(tag_dir / "megavac.json"):
             return "unverified", f"{tag_dir} has no {MANIFEST} (written before megavac checksummed checkpoints)"
         return "incomplete", f"{tag_dir}: incomplete (no {MANIFEST}: its save did not finish)"
     try:

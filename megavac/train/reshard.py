@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -60,8 +61,10 @@ def convert(root: Path, tag: str, saved: dict) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    args = argparse.Namespace(input_folder=str(Path(root) / tag), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+    # The other ranks wait in a collective meanwhile (30 min timeout): use the node's cores.
+    workers = max(1, min(8, os.cpu_count() or 1))
+    args = argparse.Namespace(input_folder=str(Path(root) / tag), output_folder=str(tmp), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # megavac's engines do not record the info it wants
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress bars: keep stdout for the run's lines
         ds_to_universal.main(args)
@@ -106,16 +109,24 @@ def load(engine, root: Path, tag: str, saved: dict, rank: int, dp_rank: int) -> 
             error = f"converting {root / tag} to a universal checkpoint failed: {type(e).__name__}: {e}"
     if distributed.all_reduce_sum(torch.tensor([float(bool(error))], device=distributed.device())).item():
         raise ValueError(error or "converting the checkpoint to a universal checkpoint failed (rank 0 says why)")
-    path, client = engine.load_checkpoint(str(Path(root) / UNIVERSAL), tag=tag)
-    if path is None:
-        raise ValueError(f"could not load the universal checkpoint {universal_dir(root, tag)}")
+    try:
+        path, client = engine.load_checkpoint(str(Path(root) / UNIVERSAL), tag=tag)
+    except Exception as e:  # a file changed or damaged after the conversion: one line, not a traceback
+        raise ValueError(f"could not load the universal checkpoint {universal_dir(root, tag)}: "
+                         f"{type(e).__name__}: {e}") from None
+    if path is None or not client or "megavac" not in client:
+        raise ValueError(f"could not load the universal checkpoint {universal_dir(root, tag)} "
+                         "(no megavac state in it)")
     states = {}
     old_dp = layout(saved)[0] // layout(saved)[1]
     for r in range(layout(saved)[0]):
         f = Path(root) / tag / f"megavac_rank{r}.pt"
         if not f.is_file():
             raise ValueError(f"{f} is missing: a checkpoint written by {layout(saved)[0]} ranks needs all their files")
-        sampler = torch.load(f, weights_only=False)["sampler"]
+        try:
+            sampler = torch.load(f, weights_only=False)["sampler"]
+        except Exception as e:
+            raise ValueError(f"{f}: corrupt or unreadable ({type(e).__name__}: {e})") from None
         # Written before the sampler recorded its rank: DeepSpeed's pipeline grid numbers ranks stage-major.
         sampler.setdefault("rank", r % old_dp)
         states[sampler["rank"]] = sampler  # pipeline stages of one data-parallel rank hold the same state
@@ -126,4 +137,5 @@ def remove_conversion(root: Path, tag: str) -> None:
     shutil.rmtree(universal_dir(root, tag), ignore_errors=True)
     with contextlib.suppress(OSError):
         (Path(root) / UNIVERSAL / "latest_universal").unlink()  # ds_to_universal's pointer
+    with contextlib.suppress(OSError):
         (Path(root) / UNIVERSAL).rmdir()  # only when empty

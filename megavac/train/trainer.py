@@ -74,6 +74,13 @@ class Trainer:
         self.rank, self.world, self.local_rank = distributed.init()
         self.device = distributed.device()
         self.lock = self._lock_save_dir(train.save_dir)
+        try:
+            self._build(data, train, method, ds_config_path)
+        except BaseException:  # a refused resume, a bad config, ...: the run directory is free again
+            self.lock.release()
+            raise
+
+    def _build(self, data: DataConfig, train: TrainConfig, method: MethodConfig, ds_config_path: str):
         if self.rank != 0:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         seed_everything(train.seed)
@@ -311,6 +318,7 @@ class Trainer:
         window = LossTally(self.K, device=self.device)  # on the device: read only at the log interval
         self.metrics.start(self.step)
         val_loss = None
+        self.guard.after_step(self.step, self.engine.skipped_steps)  # the baseline: a first skip counts
         try:
             while self.step < cfg.max_steps:
                 window += self.train_step()
@@ -327,11 +335,12 @@ class Trainer:
                 scheduled = self.step % cfg.save_interval == 0 or last
                 if scheduled or stopping:  # the losses since the last progress line, before a checkpoint
                     self._checked(window.all_reduce())
-                if self.step % cfg.valid_interval == 0 or scheduled:
+                validating = scheduled or (self.step % cfg.valid_interval == 0 and not stopping)
+                if validating:  # preempted: save at once, without a validation pass
                     val_loss = self.validate()
                     self.guard.check_loss(self.step, val_loss, "the validation loss")
-                if scheduled or stopping:  # preempted: save at once, without a validation pass
-                    self.save(val_loss if scheduled else None)
+                if scheduled or stopping:
+                    self.save(val_loss if validating else None)
                 if stopping:
                     break
         finally:  # also on divergence: the metrics so far are flushed and the run dir is free again
@@ -351,6 +360,8 @@ class Trainer:
                     print(taken, flush=True)
             except ValueError as e:
                 error = str(e)
+            except OSError as e:  # a read-only or foreign --save-dir: every rank must hear it, not hang
+                error = f"cannot take the run lock in {save_dir}: {e.strerror or e}"
         if distributed.all_reduce_sum(torch.tensor([float(bool(error))], device=self.device)).item():
             raise ValueError(error or f"{save_dir} is in use by another run (rank 0 says which)")
         return lock
