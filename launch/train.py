@@ -48,7 +48,8 @@ def main(argv=None):
         trainer = Trainer(data, train, method, args.ds_config)
         trainer.train()
     except (ValueError, DivergenceError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: the ranks' lines do not interleave on a shared pipe
+        sys.stderr.flush()
         distributed.release_shared_memory()
         return 3 if isinstance(e, DivergenceError) else 2
     distributed.shutdown()

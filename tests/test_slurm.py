@@ -344,12 +344,17 @@ def test_sbatch_usr1_checkpoints_requeues_and_resumes_exactly(slurm, small_synth
         time.sleep(0.05)
     # What `#SBATCH --signal=B:USR1@lead` does when the time limit nears.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    # A requeued job is held for ~2 minutes (BeginTime); release it at once.
-    release = lambda: subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env,
-                                     capture_output=True)
+    # A requeued job is held for ~2 minutes (BeginTime) so that the node finishes cleaning up the killed run;
+    # release it as soon as the node is idle again (released earlier, its launch can fail: exit 1, run time 0).
+    def release():
+        state = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=env, capture_output=True, text=True).stdout
+        if state.strip() == "idle":
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, capture_output=True)
     info = wait_job(env, job, on_pending_requeue=release)
     log = (tmp_path / f"pre-{job}.out").read_text()  # --open-mode=append: both runs
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:])
+    keys = ("JobState", "Reason", "ExitCode", "DerivedExitCode", "Restarts", "Requeue", "RunTime", "StartTime", "EndTime")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        " ".join(f"{k}={info.get(k)}" for k in keys), log[-4000:])
     stopped = int(re.search(r"stopped by SIGUSR1 at step (\d+): requeued SLURM job", log).group(1))
     assert interval <= stopped < steps, log[-4000:]
     assert "batch script got SIGUSR1" in log and f"resumed from step {stopped}" in log and "(restart 1)" in log
