@@ -13,11 +13,13 @@ import hashlib
 from pathlib import Path
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+def file_sha256(path: str | Path, chunk: int = 4 << 20) -> str:
+    """sha256 of a file, read unbuffered into one reused buffer (checkpoint shards are GBs)."""
+    h, buf = hashlib.sha256(), bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -22,7 +22,6 @@ megavac checksummed checkpoints) load with a warning; their read errors still na
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -34,10 +33,10 @@ import torch
 import torch.distributed as dist
 
 from megavac.distributed import barrier
+from megavac.fingerprint import file_sha256  # noqa: F401  (also this module's public name, for tools)
 
 MANIFEST = "checksums.json"
 MANIFEST_FORMAT = "megavac-checksums/1"
-_CHUNK = 4 << 20
 
 
 def rng_state() -> dict:
@@ -151,15 +150,6 @@ def _write_atomic(path: Path, text: str):
 
 
 # ---------------------------------------------------------------- manifest
-
-def file_sha256(path) -> str:
-    h, buf = hashlib.sha256(), bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
 
 def file_entry(path) -> dict:
     return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
